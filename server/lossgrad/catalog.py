@@ -1,0 +1,207 @@
+"""The loss catalog: names, aliases, inputs, parameters with defaults and ranges.
+
+This table is the single source of what the service accepts. The engine validates
+requests against it and ``ListLosses`` serves it as it is.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .errors import UNKNOWN_LOSS, InvalidArgumentError
+
+
+class InputKind(enum.Enum):
+    VALUES = "values"
+    PROBABILITIES = "probabilities"
+    LOGITS = "logits"
+    LOG_PROBABILITIES = "log_probabilities"
+    CLASS_INDICES = "class_indices"
+    SIGNED_LABELS = "signed_labels"
+    SCORES = "scores"
+
+
+class ParamType(enum.Enum):
+    DOUBLE = "double"
+    BOOL = "bool"
+    INT64 = "int64"
+    DOUBLE_LIST = "double_list"
+
+
+class Layout(enum.Enum):
+    """How the engine views the tensors; a position is an element or a row."""
+
+    ELEMENTWISE = "elementwise"  # targets: same shape as predictions
+    DENSE_ROWS = "dense_rows"  # targets: same shape, class axis last
+    SPARSE_ROWS = "sparse_rows"  # targets: class indices, shape without the class axis
+
+
+FLOAT_DTYPES = ("float32", "float64")
+INDEX_DTYPES = ("int32", "int64")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    kind: InputKind
+    dtypes: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: ParamType
+    default: float | bool | int | None
+    description: str
+    minimum: float | None = None
+    minimum_inclusive: bool = True
+    maximum: float | None = None
+    maximum_inclusive: bool = True
+
+    @property
+    def optional(self) -> bool:
+        """True when the parameter has no default: unset means the feature is off."""
+        return self.default is None
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    layout: Layout
+    description: str
+    reference: str
+    predictions: InputSpec
+    targets: InputSpec
+    params: tuple[ParamSpec, ...] = ()
+    aliases: tuple[str, ...] = ()
+    # alias -> parameter values the alias fixes (a request may not set others).
+    alias_presets: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    @property
+    def class_axis_last(self) -> bool:
+        return self.layout is not Layout.ELEMENTWISE
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+_VALUES = InputSpec(InputKind.VALUES, FLOAT_DTYPES, "real values, any shape with >= 1 dimension")
+_SAME_VALUES = InputSpec(InputKind.VALUES, FLOAT_DTYPES, "real values, same shape as predictions")
+_SCORES = InputSpec(InputKind.SCORES, FLOAT_DTYPES, "raw decision scores, any shape")
+_LABELS = InputSpec(
+    InputKind.SIGNED_LABELS, FLOAT_DTYPES + INDEX_DTYPES,
+    "same shape as predictions; all in {-1, 1}, or all in {0, 1} (then mapped to {-1, 1})",
+)
+
+DELTA = ParamSpec("delta", ParamType.DOUBLE, 1.0, "threshold (huber) or scale (pseudo_huber)",
+                  minimum=0.0, minimum_inclusive=False)
+FROM_LOGITS = ParamSpec("from_logits", ParamType.BOOL, False,
+                        "predictions are logits instead of probabilities")
+SMOOTHING = ParamSpec("label_smoothing", ParamType.DOUBLE, 0.0, "label smoothing epsilon",
+                      minimum=0.0, maximum=1.0, maximum_inclusive=False)
+POS_WEIGHT = ParamSpec("pos_weight", ParamType.DOUBLE, None,
+                       "weight of the positive term (PyTorch pos_weight); unset means 1",
+                       minimum=0.0, minimum_inclusive=False)
+IGNORE_INDEX = ParamSpec("ignore_index", ParamType.INT64, None,
+                         "positions whose target equals this index get weight 0")
+CLASS_WEIGHT = ParamSpec("class_weight", ParamType.DOUBLE_LIST, None,
+                         "one non-negative weight per class (length C)", minimum=0.0)
+LOG_PREDICTIONS = ParamSpec("log_predictions", ParamType.BOOL, False,
+                            "predictions are log-probabilities log q instead of q")
+
+_PROB_OR_LOGIT = "probabilities in [0, 1], or logits when from_logits=true"
+
+LOSSES: tuple[LossSpec, ...] = (
+    LossSpec(
+        "mae", Layout.ELEMENTWISE, "mean absolute error |p - y|; gradient sign(p - y), 0 at 0",
+        "PyTorch L1Loss", _VALUES, _SAME_VALUES, aliases=("l1",),
+    ),
+    LossSpec(
+        "mse", Layout.ELEMENTWISE, "squared error (p - y)^2", "PyTorch MSELoss",
+        _VALUES, _SAME_VALUES, aliases=("l2",),
+    ),
+    LossSpec(
+        "rmse", Layout.ELEMENTWISE,
+        "square root of mse under the same reduction and weights; gradient 0 where mse is 0",
+        "scikit-learn root_mean_squared_error (single output)", _VALUES, _SAME_VALUES,
+    ),
+    LossSpec(
+        "huber", Layout.ELEMENTWISE,
+        "0.5 r^2 if |r| < delta else delta (|r| - 0.5 delta), r = p - y", "PyTorch HuberLoss",
+        _VALUES, _SAME_VALUES, params=(DELTA,),
+    ),
+    LossSpec(
+        "pseudo_huber", Layout.ELEMENTWISE,
+        "delta^2 (sqrt(1 + (r/delta)^2) - 1), r = p - y", "SciPy special.pseudo_huber",
+        _VALUES, _SAME_VALUES, params=(DELTA,),
+    ),
+    LossSpec(
+        "hinge", Layout.ELEMENTWISE, "max(0, 1 - y p); gradient 0 at the margin",
+        "Keras Hinge (per element)", _SCORES, _LABELS,
+    ),
+    LossSpec(
+        "squared_hinge", Layout.ELEMENTWISE, "max(0, 1 - y p)^2",
+        "Keras SquaredHinge (per element)", _SCORES, _LABELS,
+    ),
+    LossSpec(
+        "binary_cross_entropy", Layout.ELEMENTWISE,
+        "-[pw y log p + (1 - y) log(1 - p)], logs floored at -100; stable softplus form for logits",
+        "PyTorch BCELoss / BCEWithLogitsLoss; label smoothing as Keras",
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES, _PROB_OR_LOGIT),
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  "probabilities in [0, 1], same shape as predictions"),
+        params=(FROM_LOGITS, POS_WEIGHT, SMOOTHING),
+        aliases=("sigmoid_cross_entropy",),
+        alias_presets={"sigmoid_cross_entropy": {"from_logits": True}},
+    ),
+    LossSpec(
+        "categorical_cross_entropy", Layout.DENSE_ROWS,
+        "-sum_k q_k log p_k over the last axis; probability input floored at log -100, "
+        "logits through a stable log-softmax",
+        "PyTorch CrossEntropyLoss with probability targets (logits); NLL of log p (probabilities)",
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  _PROB_OR_LOGIT + "; shape (..., C), C on the last axis"),
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  "probability rows in [0, 1], same shape as predictions"),
+        params=(FROM_LOGITS, SMOOTHING),
+    ),
+    LossSpec(
+        "sparse_categorical_cross_entropy", Layout.SPARSE_ROWS,
+        "-w_y log p_y for integer class targets; PyTorch's two-term label smoothing",
+        "PyTorch CrossEntropyLoss with class indices (logits) / NLLLoss of log p (probabilities)",
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  _PROB_OR_LOGIT + "; shape (..., C), C on the last axis"),
+        InputSpec(InputKind.CLASS_INDICES, INDEX_DTYPES,
+                  "class indices in [0, C) (or ignore_index), shape = predictions' shape "
+                  "without the last axis"),
+        params=(FROM_LOGITS, IGNORE_INDEX, SMOOTHING, CLASS_WEIGHT),
+    ),
+    LossSpec(
+        "kl_divergence", Layout.DENSE_ROWS,
+        "KL(p || q) = sum_k p_k (log p_k - log q_k) over the last axis; p_k = 0 contributes 0",
+        "PyTorch KLDivLoss (reduction='batchmean' on 2-D input)",
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  "model probabilities q in [0, 1] (log floored at -100), or log q when "
+                  "log_predictions=true; shape (..., C)"),
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  "target probabilities p in [0, 1], same shape as predictions"),
+        params=(LOG_PREDICTIONS,),
+    ),
+)
+
+_BY_NAME: dict[str, LossSpec] = {}
+for _spec in LOSSES:
+    for _name in (_spec.name, *_spec.aliases):
+        _BY_NAME[_name] = _spec
+
+
+def lookup(name: str) -> LossSpec:
+    """Return the spec for a loss name or alias; raise UNKNOWN_LOSS otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        known = ", ".join(sorted(_BY_NAME))
+        raise InvalidArgumentError(
+            "loss", f"unknown loss {name!r}; known losses: {known}", UNKNOWN_LOSS
+        ) from None

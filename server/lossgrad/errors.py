@@ -1,0 +1,49 @@
+"""Domain errors of the engine. The gRPC layer maps them to status codes in one table."""
+
+from __future__ import annotations
+
+
+class LossgradError(Exception):
+    """Base of every error the engine raises on purpose.
+
+    ``field`` is the request path of the offending value (``targets.shape[0]``,
+    ``params.delta``); ``reason`` is a stable machine-readable code.
+    """
+
+    reason = "LOSSGRAD_ERROR"
+
+    def __init__(self, field: str, message: str, reason: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class InvalidArgumentError(LossgradError, ValueError):
+    """The request is malformed or its values are outside the loss's domain."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class ResourceExhaustedError(LossgradError):
+    """The request exceeds a configured limit."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
+# Stable reasons carried by InvalidArgumentError.
+UNKNOWN_LOSS = "UNKNOWN_LOSS"
+UNKNOWN_PARAMETER = "UNKNOWN_PARAMETER"
+PARAMETER_OUT_OF_RANGE = "PARAMETER_OUT_OF_RANGE"
+MISSING_FIELD = "MISSING_FIELD"
+UNSUPPORTED_DTYPE = "UNSUPPORTED_DTYPE"
+NEGATIVE_DIMENSION = "NEGATIVE_DIMENSION"
+BYTE_SIZE_MISMATCH = "BYTE_SIZE_MISMATCH"
+SHAPE_MISMATCH = "SHAPE_MISMATCH"
+EMPTY_BATCH = "EMPTY_BATCH"
+LABEL_OUT_OF_RANGE = "LABEL_OUT_OF_RANGE"
+INVALID_LABELS = "INVALID_LABELS"
+VALUE_OUT_OF_RANGE = "VALUE_OUT_OF_RANGE"
+NONFINITE_INPUT = "NONFINITE_INPUT"
+UNKNOWN_REDUCTION = "UNKNOWN_REDUCTION"
