@@ -1,0 +1,113 @@
+"""Build, start and stop the gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
+
+from . import engine
+from .service import LossService
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+DEFAULT_GRACE_S = 5.0
+
+_log = logging.getLogger("lossgrad.server")
+
+
+def create_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    warm: bool = True,
+) -> tuple[grpc.Server, int]:
+    """Start a LossService server on ``host:port`` and return it with the bound port.
+
+    ``port=0`` binds a free port. With ``warm=True`` the engine compiles its kernels
+    before the port opens, so the first request is not slow. The caller stops the
+    server with ``server.stop(grace)``.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if max_message_bytes < 1:
+        raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
+    if warm:
+        engine.warmup()
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A second server on a taken port must fail, not share it.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lossgrad"),
+        options=options,
+    )
+    pb_grpc.add_LossServiceServicer_to_server(LossService(), server)
+    address = f"{_host_for_address(host)}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        server.stop(None)
+        raise OSError(f"cannot bind {address}: {err}") from err
+    if bound == 0:
+        server.stop(None)
+        raise OSError(f"cannot bind {address}")
+    server.start()
+    return server, bound
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    warm: bool = True,
+    grace: float = DEFAULT_GRACE_S,
+    on_ready: Callable[[str, int], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop, letting running calls finish for ``grace`` s.
+
+    ``on_ready(host, port)`` is called once the server accepts calls.
+    Must run in the main thread (signal handlers).
+    """
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        _log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server, bound = create_server(host, port, max_workers=max_workers,
+                                      max_message_bytes=max_message_bytes, warm=warm)
+        try:
+            _log.info("serving on %s:%d", host, bound)
+            if on_ready is not None:
+                on_ready(host, bound)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.stop(grace).wait()
+            _log.info("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _host_for_address(host: str) -> str:
+    """Bracket a bare IPv6 address for a ``host:port`` string."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host

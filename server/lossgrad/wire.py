@@ -1,0 +1,133 @@
+"""Wire conversion: ``lossgrad.v1`` messages to engine arguments and back.
+
+Decoding validates only what the wire format itself promises (a known dtype,
+non-negative dimensions, ``prod(shape) * itemsize`` bytes); what a value means for a
+loss is the engine's business. Arrays are views of the request bytes (read-only, no
+copy); encoding writes each array with one ``tobytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
+
+from .engine import Reduction
+from .errors import (
+    BYTE_SIZE_MISMATCH,
+    MISSING_FIELD,
+    NEGATIVE_DIMENSION,
+    UNKNOWN_REDUCTION,
+    UNSUPPORTED_DTYPE,
+    InvalidArgumentError,
+)
+
+# DataType -> little-endian NumPy dtype, and back by dtype name.
+_DTYPES: dict[int, np.dtype[Any]] = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+_DATA_TYPES: dict[str, int] = {dt.name: code for code, dt in _DTYPES.items()}
+
+_REDUCTIONS: dict[int, Reduction] = {
+    pb.REDUCTION_UNSPECIFIED: Reduction.MEAN,
+    pb.REDUCTION_NONE: Reduction.NONE,
+    pb.REDUCTION_SUM: Reduction.SUM,
+    pb.REDUCTION_MEAN: Reduction.MEAN,
+}
+
+# The largest array NumPy can describe, in bytes; zero-sized dimensions count as 1
+# because NumPy checks the product of the others too.
+_MAX_NBYTES = int(np.iinfo(np.intp).max)
+_MAX_NDIM = 64
+
+# LossParams scalar fields, all ``optional`` in the proto (HasField works on them).
+_SCALAR_PARAMS = ("delta", "from_logits", "pos_weight", "label_smoothing", "ignore_index",
+                  "log_predictions")
+
+
+def data_type(dtype: np.dtype[Any]) -> int:
+    """Return the DataType enum value for a NumPy dtype of any byte order."""
+    try:
+        return _DATA_TYPES[dtype.name]
+    except KeyError:
+        raise ValueError(f"no wire DataType for dtype {dtype}") from None
+
+
+def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """Return a read-only array that views ``tensor.data``; validate dtype, shape and size."""
+    dtype = _DTYPES.get(tensor.dtype)
+    if dtype is None:
+        name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else None
+        shown = name or f"unknown value {tensor.dtype}"
+        raise InvalidArgumentError(
+            f"{field}.dtype", f"unsupported dtype {shown}; expected one of "
+            + ", ".join(pb.DataType.Name(code) for code in _DTYPES), UNSUPPORTED_DTYPE)
+    shape = tuple(int(d) for d in tensor.shape)
+    for axis, dim in enumerate(shape):
+        if dim < 0:
+            raise InvalidArgumentError(
+                f"{field}.shape[{axis}]", f"dimension {dim} is negative", NEGATIVE_DIMENSION)
+    if len(shape) > _MAX_NDIM:
+        raise InvalidArgumentError(
+            f"{field}.shape", f"{len(shape)} dimensions; at most {_MAX_NDIM} are supported")
+    # Python ints: a huge declared shape is rejected before anything is allocated.
+    expected = math.prod(shape) * dtype.itemsize
+    data = tensor.data
+    if len(data) != expected:
+        raise InvalidArgumentError(
+            f"{field}.data",
+            f"{len(data)} bytes, but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
+            f"needs {expected}", BYTE_SIZE_MISMATCH)
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_NBYTES:
+        raise InvalidArgumentError(f"{field}.shape", f"shape {list(shape)} is too large")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def decode_required(message: Any, name: str) -> np.ndarray:
+    """Decode the tensor field ``name`` of a request; MISSING_FIELD when it is not set."""
+    if not message.HasField(name):
+        raise InvalidArgumentError(name, "required tensor is not set", MISSING_FIELD)
+    return decode_tensor(getattr(message, name), name)
+
+
+def decode_optional(message: Any, name: str) -> np.ndarray | None:
+    """Decode the tensor field ``name`` of a request, or return None when it is not set."""
+    if not message.HasField(name):
+        return None
+    return decode_tensor(getattr(message, name), name)
+
+
+def encode_tensor(array: np.ndarray, out: pb.Tensor) -> None:
+    """Fill ``out`` from ``array``: little-endian C-order bytes, one ``tobytes``."""
+    code = data_type(array.dtype)
+    little = array.astype(_DTYPES[code], copy=False)  # no copy unless big-endian
+    out.dtype = code  # type: ignore[assignment]
+    out.shape[:] = little.shape
+    out.data = little.tobytes(order="C")
+
+
+def decode_reduction(value: int) -> Reduction:
+    """Map the Reduction enum (UNSPECIFIED means MEAN) to the engine's Reduction."""
+    try:
+        return _REDUCTIONS[value]
+    except KeyError:
+        raise InvalidArgumentError(
+            "reduction", f"unknown reduction value {value}", UNKNOWN_REDUCTION) from None
+
+
+def decode_params(message: Any) -> dict[str, Any]:
+    """Return the LossParams fields that are set, by name; unset fields are left out."""
+    if not message.HasField("params"):
+        return {}
+    params: pb.LossParams = message.params
+    out: dict[str, Any] = {
+        name: getattr(params, name) for name in _SCALAR_PARAMS if params.HasField(name)
+    }
+    if len(params.class_weight):
+        out["class_weight"] = list(params.class_weight)
+    return out
