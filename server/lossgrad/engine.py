@@ -148,7 +148,8 @@ def _resolve_params(spec: LossSpec, name: str, given: dict[str, Any]) -> dict[st
 def _coerce_param(p: catalog.ParamSpec, field: str, value: Any) -> Any:
     if p.type is ParamType.BOOL:
         if not isinstance(value, (bool, np.bool_)):
-            raise InvalidArgumentError(field, f"must be a bool, got {value!r}", PARAMETER_OUT_OF_RANGE)
+            raise InvalidArgumentError(field, f"must be a bool, got {value!r}",
+                                       PARAMETER_OUT_OF_RANGE)
         return bool(value)
     if p.type is ParamType.INT64:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -240,8 +241,8 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
         position_shape = x.shape if spec.layout is Layout.ELEMENTWISE else x.shape[:-1]
         _expect_shape(t, x.shape, "targets", "the predictions' shape")
         if t.dtype != x.dtype:
-            if t.dtype.kind not in "fiu" or (
-                    t.dtype.kind in "iu" and spec.targets.kind is not catalog.InputKind.SIGNED_LABELS):
+            labels = spec.targets.kind is catalog.InputKind.SIGNED_LABELS
+            if t.dtype.kind not in "fiu" or (t.dtype.kind in "iu" and not labels):
                 raise InvalidArgumentError(
                     "targets.dtype", f"{t.dtype} is not supported; use float32 or float64",
                     UNSUPPORTED_DTYPE)

@@ -12,7 +12,20 @@ import math
 import numba
 from numba import types as nt
 
-from ._numerics import BLOCK, In, Out, b1, clog, clog_grad, f8, i8, inline, kernel, sigmoid, softplus
+from ._numerics import (
+    BLOCK,
+    In,
+    Out,
+    b1,
+    clog,
+    clog_grad,
+    f8,
+    i8,
+    inline,
+    kernel,
+    sigmoid,
+    softplus,
+)
 
 
 @inline
