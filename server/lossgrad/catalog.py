@@ -87,7 +87,8 @@ class LossSpec:
 
 
 _VALUES = InputSpec(InputKind.VALUES, FLOAT_DTYPES, "real values, any shape with >= 1 dimension")
-_SAME_VALUES = InputSpec(InputKind.VALUES, FLOAT_DTYPES, "real values, same shape as predictions")
+_SAME_VALUES = InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
+                         "real values, same shape as predictions (integers are converted)")
 _SCORES = InputSpec(InputKind.SCORES, FLOAT_DTYPES, "raw decision scores, any shape")
 _LABELS = InputSpec(
     InputKind.SIGNED_LABELS, FLOAT_DTYPES + INDEX_DTYPES,
@@ -149,8 +150,8 @@ LOSSES: tuple[LossSpec, ...] = (
         "-[pw y log p + (1 - y) log(1 - p)], logs floored at -100; stable softplus form for logits",
         "PyTorch BCELoss / BCEWithLogitsLoss; label smoothing as Keras",
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES, _PROB_OR_LOGIT),
-        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
-                  "probabilities in [0, 1], same shape as predictions"),
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES + INDEX_DTYPES,
+                  "probabilities in [0, 1] (or 0/1 labels), same shape as predictions"),
         params=(FROM_LOGITS, POS_WEIGHT, SMOOTHING),
         aliases=("sigmoid_cross_entropy",),
         alias_presets={"sigmoid_cross_entropy": {"from_logits": True}},

@@ -241,12 +241,11 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
         position_shape = x.shape if spec.layout is Layout.ELEMENTWISE else x.shape[:-1]
         _expect_shape(t, x.shape, "targets", "the predictions' shape")
         if t.dtype != x.dtype:
-            labels = spec.targets.kind is catalog.InputKind.SIGNED_LABELS
-            if t.dtype.kind not in "fiu" or (t.dtype.kind in "iu" and not labels):
+            if t.dtype.kind not in "fiu":
                 raise InvalidArgumentError(
                     "targets.dtype", f"{t.dtype} is not supported; use float32 or float64",
                     UNSUPPORTED_DTYPE)
-            t = t.astype(x.dtype)
+            t = t.astype(x.dtype)  # one conversion to the predictions' type
     w = _sample_weight(sample_weight, x, position_shape)
     if not allow_nonfinite:
         _check_finite(x, "predictions")

@@ -1,0 +1,104 @@
+"""Exceptions of the lossgrad client.
+
+Every error a call raises is a :class:`LossgradError`. Errors from the server keep the
+original :class:`grpc.RpcError` as ``__cause__``; errors the client detects before
+sending (an unknown parameter, an unsupported dtype) have no cause and use the same
+classes and reasons as the server would.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+REASON_KEY = "lossgrad-error-reason"
+FIELD_KEY = "lossgrad-error-field"
+
+
+class LossgradError(Exception):
+    """Base of every client error.
+
+    ``code`` is the gRPC status code, ``message`` the server's details (``"field:
+    message"``), ``reason`` the stable machine-readable reason (``"UNKNOWN_LOSS"``) and
+    ``field`` the request path of the offending value (``"params.delta"``); ``reason``
+    and ``field`` are None when the server did not send them.
+    """
+
+    default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code: grpc.StatusCode = code if code is not None else self.default_code
+        self.reason = reason
+        self.field = field
+
+    def __str__(self) -> str:
+        name = getattr(self.code, "name", str(self.code))
+        return f"{name}: {self.message}"
+
+
+class InvalidArgumentError(LossgradError, ValueError):
+    """The request is malformed or a value is outside the loss's domain."""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhaustedError(LossgradError):
+    """The request exceeds a limit of the server or the channel (e.g. message size)."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceededError(LossgradError, TimeoutError):
+    """The call did not finish before its timeout."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnavailableError(LossgradError, ConnectionError):
+    """The server cannot be reached (not running, wrong address, shutting down)."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class InternalError(LossgradError):
+    """The server failed; its log has the details."""
+
+    default_code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[LossgradError]] = {
+    cls.default_code: cls
+    for cls in (InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
+                UnavailableError, InternalError)
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> LossgradError:
+    """Return the LossgradError for a failed call; the caller raises it ``from err``."""
+    code = _call_attr(err, "code")
+    details = _call_attr(err, "details")
+    metadata = _call_attr(err, "trailing_metadata") or ()
+    values: dict[str, str] = {}
+    for item in metadata:
+        key, value = item[0], item[1]
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        values[str(key)] = str(value)
+    status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    cls = _BY_CODE.get(status, LossgradError)
+    message = details if isinstance(details, str) and details else str(err)
+    return cls(message, code=status, reason=values.get(REASON_KEY), field=values.get(FIELD_KEY))
+
+
+def _call_attr(err: grpc.RpcError, name: str) -> object:
+    # A failed unary call's RpcError is also a grpc.Call; other RpcErrors may not be.
+    method = getattr(err, name, None)
+    return method() if callable(method) else None
