@@ -37,7 +37,6 @@ from .kernels.classification import (
     SPARSE_PROBS,
     label_stats,
     signed_label_mode,
-    sparse_rows,
 )
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -82,6 +81,7 @@ class _Batch:
     position_shape: tuple[int, ...]
     weight_sum: float
     counted: int
+    allow_nonfinite: bool
 
 
 def compute(
@@ -202,7 +202,9 @@ def _array(value: Any, field: str) -> np.ndarray:
         raise InvalidArgumentError(field, f"not an array: {exc}", UNSUPPORTED_DTYPE) from None
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    return np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+    return arr
 
 
 def _check_shape_nonempty(arr: np.ndarray, field: str, min_ndim: int) -> None:
@@ -247,10 +249,6 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
                     UNSUPPORTED_DTYPE)
             t = t.astype(x.dtype)  # one conversion to the predictions' type
     w = _sample_weight(sample_weight, x, position_shape)
-    if not allow_nonfinite:
-        _check_finite(x, "predictions")
-        if t.dtype.kind == "f":
-            _check_finite(t, "targets")
     if spec.layout is Layout.ELEMENTWISE:
         x2, t2 = x.reshape(-1), t.reshape(-1)
     else:
@@ -264,7 +262,8 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
         _, weight_sum, counted = nm.weight_stats(w)
     else:
         weight_sum, counted = float(positions), positions
-    return _Batch(spec, params, red, x2, t2, w, position_shape, weight_sum, counted)
+    return _Batch(spec, params, red, x2, t2, w, position_shape, weight_sum, counted,
+                  allow_nonfinite)
 
 
 def _expect_shape(arr: np.ndarray, shape: tuple[int, ...], field: str, what: str) -> None:
@@ -310,7 +309,7 @@ def _source_index(flat_index: int, given: tuple[int, ...], position_shape: tuple
     return flat_index // max(1, math.prod(position_shape[1:]))
 
 
-def _check_finite(arr: np.ndarray, field: str) -> None:
+def _first_nonfinite(arr: np.ndarray, field: str) -> None:
     bad = nm.first_nonfinite(arr.reshape(-1))
     if bad >= 0:
         raise InvalidArgumentError(
@@ -319,13 +318,27 @@ def _check_finite(arr: np.ndarray, field: str) -> None:
             NONFINITE_INPUT)
 
 
-def _check_unit_interval(arr: np.ndarray, field: str, what: str) -> None:
+def _first_outside_unit(arr: np.ndarray, field: str, what: str) -> None:
     flat = arr.reshape(-1)
     bad = nm.first_outside(flat, 0.0, 1.0)
     if bad >= 0:
         raise InvalidArgumentError(
             f"{field}.data[{bad}]", f"{flat[bad]!r} is outside [0, 1] ({what} required)",
             VALUE_OUT_OF_RANGE)
+
+
+def _raise_for_flags(batch: _Batch, flags: int, x_unit: bool, t_unit: bool,
+                     x_what: str = "probabilities") -> None:
+    """Turn the invalid-input flags a kernel reported into the error for the first bad
+    value. Only runs when a flag is set: valid requests pay no extra pass."""
+    if flags & nm.NONFINITE and not batch.allow_nonfinite:
+        _first_nonfinite(batch.x, "predictions")
+        if batch.t.dtype.kind == "f":
+            _first_nonfinite(batch.t, "targets")
+    if flags & nm.X_OUTSIDE_UNIT and x_unit:
+        _first_outside_unit(batch.x, "predictions", x_what)
+    if flags & nm.T_OUTSIDE_UNIT and t_unit:
+        _first_outside_unit(batch.t, "targets", "probabilities")
 
 
 def _sparse_weights(params: dict[str, Any], t: np.ndarray, c: int,
@@ -357,12 +370,17 @@ def _scale(batch: _Batch) -> float:
 
 
 def _buffers(batch: _Batch, want_grad: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The outputs, each allocated once: per-position losses (NONE) and the gradient."""
     out = np.empty(batch.x.shape[0] if batch.reduction is Reduction.NONE else 0, batch.x.dtype)
-    if batch.x.ndim == 1:
-        grad = np.empty(batch.x.shape[0] if want_grad else 0, batch.x.dtype)
+    if want_grad:
+        grad = np.empty(batch.x.shape, batch.x.dtype)
     else:
-        grad = np.empty(batch.x.shape if want_grad else (1, batch.x.shape[1]), batch.x.dtype)
+        grad = np.empty((0,) + batch.x.shape[1:], batch.x.dtype)
     return out, grad
+
+
+def _parallel(batch: _Batch) -> bool:
+    return bool(batch.x.size >= nm.PARALLEL_MIN)
 
 
 def _result(batch: _Batch, x: np.ndarray, total: float, out: np.ndarray,
@@ -382,17 +400,21 @@ def _result(batch: _Batch, x: np.ndarray, total: float, out: np.ndarray,
     )
 
 
-def _run_elementwise(batch: _Batch, x: np.ndarray, want_grad: bool, op: int,
-                     a: float = 0.0, b: float = 0.0) -> Result:
+def _run_elementwise(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float = 0.0,
+                     b: float = 0.0, x_unit: bool = False, t_unit: bool = False) -> Result:
     out, grad = _buffers(batch, want_grad)
-    total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a, b)
+    total, flags = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch),
+                                       op, a, b, _parallel(batch))
+    _raise_for_flags(batch, flags, x_unit, t_unit)
     return _result(batch, x, total, out, grad if want_grad else None)
 
 
-def _run_dense(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float = 0.0) -> Result:
+def _run_dense(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float,
+               x_unit: bool) -> Result:
     out, grad = _buffers(batch, want_grad)
-    total = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a,
-                               want_grad)
+    total, flags = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op,
+                                      a, want_grad, _parallel(batch))
+    _raise_for_flags(batch, flags, x_unit, True)
     return _result(batch, x, total, out, grad if want_grad else None)
 
 
@@ -407,16 +429,17 @@ def _rmse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
     if batch.reduction is Reduction.NONE:
         batch.w = np.sqrt(batch.w) if batch.w.size else batch.w
         return _run_elementwise(batch, x, want_grad, drivers.MAE)
-    _, none = _buffers(batch, False)
-    total = drivers.elementwise(batch.x, batch.t, batch.w, none[:0], none[:0], 0.0,
-                                drivers.MSE, 0.0, 0.0)
+    out, grad = _buffers(batch, False)
+    total, flags = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, 0.0, drivers.MSE,
+                                       0.0, 0.0, _parallel(batch))
+    _raise_for_flags(batch, flags, False, False)
     divisor = batch.weight_sum if batch.reduction is Reduction.MEAN else 1.0
-    mse = total / divisor if divisor > 0 else 0.0
-    rmse = math.sqrt(mse)
-    out, grad = _buffers(batch, want_grad)
+    rmse = math.sqrt(total / divisor) if divisor > 0 else 0.0
     if want_grad:
+        out, grad = _buffers(batch, True)
         scale = 1.0 / (2.0 * rmse * divisor) if rmse > 0 else 0.0
-        drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0)
+        drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0,
+                            _parallel(batch))
     return Result(rmse, grad.reshape(x.shape) if want_grad else None,
                   math.prod(batch.position_shape), batch.counted, batch.weight_sum)
 
@@ -435,47 +458,34 @@ def _hinge(op: int) -> Callable[[_Batch, np.ndarray, bool], Result]:
 
 def _bce(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
     p = batch.params
-    _check_unit_interval(batch.t, "targets", "probabilities")
-    if p["from_logits"]:
-        op = drivers.BCE_LOGITS
-    else:
-        _check_unit_interval(batch.x, "predictions", "probabilities")
-        op = drivers.BCE
+    logits = p["from_logits"]
     pos_weight = 1.0 if p["pos_weight"] is None else p["pos_weight"]
-    return _run_elementwise(batch, x, want_grad, op, pos_weight, p["label_smoothing"])
+    return _run_elementwise(batch, x, want_grad, drivers.BCE_LOGITS if logits else drivers.BCE,
+                            pos_weight, p["label_smoothing"], x_unit=not logits, t_unit=True)
 
 
 def _cce(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
     p = batch.params
-    _check_unit_interval(batch.t, "targets", "probabilities")
-    if p["from_logits"]:
-        op = drivers.CCE_LOGITS
-    else:
-        _check_unit_interval(batch.x, "predictions", "probabilities")
-        op = drivers.CCE_PROBS
-    return _run_dense(batch, x, want_grad, op, p["label_smoothing"])
+    logits = p["from_logits"]
+    return _run_dense(batch, x, want_grad, drivers.CCE_LOGITS if logits else drivers.CCE_PROBS,
+                      p["label_smoothing"], x_unit=not logits)
 
 
 def _kl(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
-    _check_unit_interval(batch.t, "targets", "probabilities")
-    if batch.params["log_predictions"]:
-        op = drivers.KL_LOG
-    else:
-        _check_unit_interval(batch.x, "predictions", "probabilities")
-        op = drivers.KL_PROBS
-    return _run_dense(batch, x, want_grad, op)
+    log = batch.params["log_predictions"]
+    return _run_dense(batch, x, want_grad, drivers.KL_LOG if log else drivers.KL_PROBS, 0.0,
+                      x_unit=not log)
 
 
 def _sparse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
     p = batch.params
-    if p["from_logits"]:
-        op = SPARSE_LOGITS
-    else:
-        _check_unit_interval(batch.x, "predictions", "probabilities")
-        op = SPARSE_PROBS
+    logits = p["from_logits"]
     out, grad = _buffers(batch, want_grad)
-    total = sparse_rows(batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
-                        p["ignore_index"], p["label_smoothing"], op, want_grad)
+    total, flags = drivers.sparse_rows(
+        batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
+        p["ignore_index"], p["label_smoothing"], SPARSE_LOGITS if logits else SPARSE_PROBS,
+        want_grad, _parallel(batch))
+    _raise_for_flags(batch, flags, not logits, False)
     return _result(batch, x, total, out, grad if want_grad else None)
 
 

@@ -1,201 +1,229 @@
 """Classification losses: binary (per element) and multi-class (per row).
 
-Binary functions return (loss, d loss / d x) for one element. Row functions take a row of
-predictions ``x``, its targets, a gradient row ``g`` written as ``coef * d loss / d x``
-when ``want_grad``, and return the row's loss. Everything is float64 inside.
+Binary functions take (x, y, a, b) in the predictions' float type and return
+(loss, d loss / d x). Row functions take a row of predictions ``x``, its targets, a
+gradient row ``g`` (written as ``coef * d loss / d x`` when ``want_grad``) and two scratch
+rows ``e`` and ``h``, and return (row loss as float64, invalid-input flags).
 """
 
 from __future__ import annotations
 
-import math
-
 import numba
+import numpy as np
 from numba import types as nt
 
 from ._numerics import (
     BLOCK,
+    T_OUTSIDE_UNIT,
+    X_OUTSIDE_UNIT,
     In,
-    Out,
-    b1,
+    block_sum,
+    check_values,
     clog,
-    clog_grad,
     f8,
+    fconst,
+    fexp,
+    flog1p,
     i8,
     inline,
     kernel,
-    sigmoid,
-    softplus,
+    saturate,
 )
 
 
 @inline
-def hinge(x, y, zero_one):  # type: ignore[no-untyped-def]
+def hinge(x, y, zero_one, b):  # type: ignore[no-untyped-def]
     """max(0, 1 - y x), y in {-1, 1} (mapped from {0, 1} when zero_one); 0 at the margin."""
-    s = 2.0 * y - 1.0 if zero_one else y
-    m = 1.0 - s * x
-    if m > 0.0:
-        return m, -s
-    return 0.0, 0.0
+    one = fconst(x, 1.0)
+    s = fconst(x, 2.0) * y - one if zero_one != fconst(x, 0.0) else y
+    m = one - s * x
+    active = m > fconst(x, 0.0)
+    return (m if active else fconst(x, 0.0)), (-s if active else fconst(x, 0.0))
 
 
 @inline
-def squared_hinge(x, y, zero_one):  # type: ignore[no-untyped-def]
+def squared_hinge(x, y, zero_one, b):  # type: ignore[no-untyped-def]
     """max(0, 1 - y x)^2; gradient -2 y max(0, 1 - y x)."""
-    s = 2.0 * y - 1.0 if zero_one else y
-    m = max(1.0 - s * x, 0.0)
-    return m * m, -2.0 * s * m
+    one = fconst(x, 1.0)
+    s = fconst(x, 2.0) * y - one if zero_one != fconst(x, 0.0) else y
+    m = max(one - s * x, fconst(x, 0.0))
+    return m * m, fconst(x, -2.0) * s * m
+
+
+@inline
+def _smooth(y, smoothing):  # type: ignore[no-untyped-def]
+    """Binary label smoothing y (1 - eps) + eps / 2 (Keras)."""
+    return y * (fconst(y, 1.0) - smoothing) + fconst(y, 0.5) * smoothing
 
 
 @inline
 def bce(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
-    """-[pw y log x + (1 - y) log(1 - x)] on probabilities, each log floored at -100.
-
-    y is smoothed to y (1 - eps) + eps / 2 (Keras). The gradient is that of the floored
-    expression: a term whose log is at the floor contributes 0.
-    """
-    t = y * (1.0 - smoothing) + 0.5 * smoothing
-    loss = -(pos_weight * t * clog(x) + (1.0 - t) * clog(1.0 - x))
-    grad = -pos_weight * t * clog_grad(x) + (1.0 - t) * clog_grad(1.0 - x)
-    return loss, grad
+    """-[pw y log x + (1 - y) log(1 - x)] on probabilities, each log floored at -100
+    (PyTorch BCELoss). The gradient is that of the floored expression: a term at the
+    floor contributes 0."""
+    t = _smooth(y, smoothing)
+    one = fconst(x, 1.0)
+    lp, dlp = clog(x)
+    lq, dlq = clog(one - x)
+    loss = -(pos_weight * t * lp + (one - t) * lq)
+    return loss, saturate((one - t) * dlq - pos_weight * t * dlp, x)
 
 
 @inline
 def bce_logits(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
-    """(1 - y) x + (1 + (pw - 1) y) softplus(-x) (PyTorch BCEWithLogitsLoss).
+    """pw y softplus(-x) + (1 - y) softplus(x) (PyTorch BCEWithLogitsLoss).
 
-    Gradient (1 + (pw - 1) y) sigmoid(x) - pw y; finite for any finite x.
+    Both terms are >= 0, so there is no cancellation; finite for any finite x. Gradient
+    (1 + (pw - 1) y) sigmoid(x) - pw y.
     """
-    t = y * (1.0 - smoothing) + 0.5 * smoothing
-    c = 1.0 + (pos_weight - 1.0) * t
-    return (1.0 - t) * x + c * softplus(-x), c * sigmoid(x) - pos_weight * t
+    t = _smooth(y, smoothing)
+    one = fconst(x, 1.0)
+    zero = fconst(x, 0.0)
+    e = fexp(-abs(x))
+    lg = flog1p(e)
+    sp_pos = max(x, zero) + lg  # softplus(x)
+    sp_neg = max(-x, zero) + lg  # softplus(-x)
+    sig = one / (one + e) if x >= zero else e / (one + e)
+    loss = pos_weight * t * sp_neg + (one - t) * sp_pos
+    return loss, (one + (pos_weight - one) * t) * sig - pos_weight * t
 
 
-@inline
-def row_max(x):  # type: ignore[no-untyped-def]
-    m = -math.inf
-    for k in range(x.size):
+@numba.njit(nogil=True, error_model="numpy", fastmath={"nnan", "ninf", "reassoc"})
+def _finite_row_max(x):  # type: ignore[no-untyped-def]
+    """max of a row known to be finite (callers check first), vectorised."""
+    m = x[0]
+    for k in range(1, x.size):
         m = max(m, x[k])
     return m
 
 
 @inline
-def row_sum_exp(x, m):  # type: ignore[no-untyped-def]
-    s = 0.0
-    for k in range(x.size):
-        s += math.exp(x[k] - m)
-    return s
+def softmax_row(x, e):  # type: ignore[no-untyped-def]
+    """Write e_k = exp(x_k - m) (0 at the maxima); return (m, s1, flags) where
+    s1 = sum_k exp(x_k - m) - 1 as float64.
 
-
-@inline
-def cce_logits_row(x, q, g, coef, smoothing, want_grad):  # type: ignore[no-untyped-def]
-    """sum_k q'_k (LSE(x) - x_k), q' = (1 - eps) q + eps / C (PyTorch CrossEntropyLoss).
-
-    Gradient (sum q') softmax(x) - q'.
+    s1 leaves out one exp(0) = 1 exactly, so LSE(x) - x_k = (m - x_k) + log1p(s1) keeps
+    full relative precision for confident rows.
     """
-    c = x.size
-    m = row_max(x)
-    s = row_sum_exp(x, m)
-    lse = m + math.log(s)
-    loss = 0.0
-    total_q = 0.0
-    for k in range(c):
-        qk = (1.0 - smoothing) * q[k] + smoothing / c
-        total_q += qk
-        loss += qk * (lse - x[k])
-    if want_grad:
-        for k in range(c):
-            qk = (1.0 - smoothing) * q[k] + smoothing / c
-            g[k] = coef * (total_q * (math.exp(x[k] - m) / s) - qk)
-    return loss
+    flags = check_values(x, 0)
+    m = _finite_row_max(x) if flags == 0 else x[0]
+    ties = 0
+    for k in range(x.size):
+        d = x[k] - m
+        at_max = d == fconst(d, 0.0)
+        ties += 1 if at_max else 0
+        e[k] = fconst(d, 0.0) if at_max else fexp(d)
+    return m, block_sum(e) + (ties - 1), flags
 
 
 @inline
-def cce_probs_row(x, q, g, coef, smoothing, want_grad):  # type: ignore[no-untyped-def]
-    """-sum_k q'_k log x_k with log floored at -100 (NLL of log x; no renormalisation)."""
+def softmax_from_exps(e, x, m, s):  # type: ignore[no-untyped-def]
+    """Turn the exps of ``softmax_row`` into p_k = exp(x_k - m) / s, in place."""
+    inv = fconst(e, 1.0 / s)
+    for k in range(e.size):
+        e[k] = inv if x[k] == m else e[k] * inv
+
+
+@inline
+def cce_logits_row(x, q, g, e, h, coef, smoothing, want_grad):  # type: ignore[no-untyped-def]
+    """sum_k q'_k (LSE(x) - x_k), q' = (1 - eps) q + eps / C (PyTorch CrossEntropyLoss
+    with probability targets). Gradient (sum q') softmax(x) - q'."""
     c = x.size
-    loss = 0.0
+    m, s1, flags = softmax_row(x, e)
+    flags |= check_values(q, T_OUTSIDE_UNIT)
+    keep = fconst(x, 1.0 - smoothing)
+    spread = fconst(x, smoothing / c)
     for k in range(c):
-        qk = (1.0 - smoothing) * q[k] + smoothing / c
-        loss -= qk * clog(x[k])
+        h[k] = keep * q[k] + spread
+    total_q = block_sum(h)
+    for k in range(c):
+        h[k] = h[k] * (m - x[k])
+    loss = block_sum(h) + total_q * np.log1p(s1)  # both parts >= 0
+    if want_grad:
+        softmax_from_exps(e, x, m, 1.0 + s1)
+        a = fconst(x, coef * total_q)
+        cf = fconst(x, coef)
+        for k in range(c):
+            g[k] = a * e[k] - cf * (keep * q[k] + spread)
+    return loss, flags
+
+
+@inline
+def cce_probs_row(x, q, g, e, h, coef, smoothing, want_grad):  # type: ignore[no-untyped-def]
+    """-sum_k q'_k log x_k with log floored at -100 (the NLL of log x, no renormalisation)."""
+    c = x.size
+    flags = check_values(x, X_OUTSIDE_UNIT) | check_values(q, T_OUTSIDE_UNIT)
+    keep = fconst(x, 1.0 - smoothing)
+    spread = fconst(x, smoothing / c)
+    cf = fconst(x, coef)
+    for k in range(c):
+        qk = keep * q[k] + spread
+        lv, dlv = clog(x[k])
+        e[k] = -qk * lv
         if want_grad:
-            g[k] = -coef * qk * clog_grad(x[k])
-    return loss
+            g[k] = saturate(-cf * qk * dlv, x)
+    return block_sum(e), flags
 
 
 SPARSE_LOGITS = 0
 SPARSE_PROBS = 1
 
 
-@kernel(lambda F: f8(In(F, 2), In(i8), In(f8), In(f8), Out(F), Out(F, 2), f8, i8, f8, i8, b1))
-def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, want_grad):  # type: ignore[no-untyped-def]
-    """Cross-entropy against class indices, PyTorch's definition (LossNLL.cpp).
+@inline
+def sparse_logits_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ignore[no-untyped-def]
+                      want_grad):
+    """(1 - eps) w_y (LSE - x_y) + (eps / C) sum_c w_c (LSE - x_c) (PyTorch LossNLL.cpp).
 
-    Row loss (1 - eps) w_y (-log p_y) + (eps / C) sum_c w_c (-log p_c), with p = softmax(x)
-    for SPARSE_LOGITS and p = x (log floored at -100) for SPARSE_PROBS; w = class weights.
-    Rows whose target is ``ignore`` contribute 0. ``s`` holds per-row sample weights.
-    Returns sum_i s_i l_i; ``grad`` rows get scale s_i d l_i / d x.
+    Gradient p * ((1 - eps) w_y + (eps / C) sum w) - (1 - eps) w_y e_y - (eps / C) w.
     """
-    rows, c = x.shape
-    has_s = s.size > 0
+    c = x.size
     has_cw = cw.size > 0
-    want_out = out.size > 0
-    total_cw = 0.0
-    for k in range(c):
-        total_cw += cw[k] if has_cw else 1.0
+    m, s1, flags = softmax_row(x, e)
+    lse_m = np.log1p(s1)
+    wy = cw[yi] if has_cw else 1.0
     spread = smoothing / c
-    per_block = max(1, BLOCK // c)
-    total = 0.0
-    for lo in range(0, rows, per_block):
-        acc = 0.0
-        for i in range(lo, min(lo + per_block, rows)):
-            yi = y[i]
-            xi = x[i]
-            gi = grad[i] if want_grad else grad[0]
-            if yi == ignore:
-                if want_out:
-                    out[i] = 0.0
-                if want_grad:
-                    gi[:] = 0.0
-                continue
-            wy = cw[yi] if has_cw else 1.0
-            si = s[i] if has_s else 1.0
-            coef = scale * si
-            loss = 0.0
-            if op == SPARSE_LOGITS:
-                m = row_max(xi)
-                se = row_sum_exp(xi, m)
-                lse = m + math.log(se)
-                loss = (1.0 - smoothing) * wy * (lse - xi[yi])
-                if smoothing > 0.0:
-                    part = 0.0
-                    for k in range(c):
-                        part += (cw[k] if has_cw else 1.0) * (lse - xi[k])
-                    loss += spread * part
-                if want_grad:
-                    a = (1.0 - smoothing) * wy + spread * total_cw
-                    for k in range(c):
-                        gk = a * (math.exp(xi[k] - m) / se) - spread * (cw[k] if has_cw else 1.0)
-                        if k == yi:
-                            gk -= (1.0 - smoothing) * wy
-                        gi[k] = coef * gk
-            else:
-                loss = -(1.0 - smoothing) * wy * clog(xi[yi])
-                if smoothing > 0.0:
-                    part = 0.0
-                    for k in range(c):
-                        part -= (cw[k] if has_cw else 1.0) * clog(xi[k])
-                    loss += spread * part
-                if want_grad:
-                    for k in range(c):
-                        a = spread * (cw[k] if has_cw else 1.0)
-                        if k == yi:
-                            a += (1.0 - smoothing) * wy
-                        gi[k] = -coef * a * clog_grad(xi[k])
-            acc += si * loss
-            if want_out:
-                out[i] = si * loss
-        total += acc
-    return total
+    loss = (1.0 - smoothing) * wy * ((m - x[yi]) + lse_m)
+    if smoothing > 0.0:
+        for k in range(c):
+            h[k] = (fconst(x, cw[k]) if has_cw else fconst(x, 1.0)) * (m - x[k])
+        loss += spread * (block_sum(h) + total_w * lse_m)
+    if want_grad:
+        softmax_from_exps(e, x, m, 1.0 + s1)
+        a = fconst(x, coef * ((1.0 - smoothing) * wy + spread * total_w))
+        b = fconst(x, coef * spread)
+        for k in range(c):
+            g[k] = a * e[k] - b * (fconst(x, cw[k]) if has_cw else fconst(x, 1.0))
+        g[yi] -= fconst(x, coef * (1.0 - smoothing) * wy)
+    return loss, flags
+
+
+@inline
+def sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ignore[no-untyped-def]
+                     want_grad):
+    """(1 - eps) w_y (-log x_y) + (eps / C) sum_c w_c (-log x_c), logs floored at -100
+    (PyTorch NLLLoss of the floored log)."""
+    c = x.size
+    has_cw = cw.size > 0
+    flags = check_values(x, X_OUTSIDE_UNIT)
+    wy = cw[yi] if has_cw else 1.0
+    spread = smoothing / c
+    lv, dlv = clog(x[yi])
+    loss = -(1.0 - smoothing) * wy * lv
+    if want_grad:
+        for k in range(c):
+            g[k] = fconst(x, 0.0)
+    if smoothing > 0.0:
+        b = fconst(x, coef * spread)
+        for k in range(c):
+            wk = fconst(x, cw[k]) if has_cw else fconst(x, 1.0)
+            lk, dk = clog(x[k])
+            e[k] = -wk * lk
+            if want_grad:
+                g[k] = saturate(-b * wk * dk, x)
+        loss += spread * block_sum(e)
+    if want_grad:
+        g[yi] = saturate(g[yi] - fconst(x, coef * (1.0 - smoothing) * wy) * dlv, x)
+    return loss, flags
 
 
 @numba.njit(nt.Tuple((i8, f8, i8))(In(i8), i8, i8, In(f8), In(f8)), nogil=True, cache=True)
@@ -246,3 +274,6 @@ def signed_label_mode(t):  # type: ignore[no-untyped-def]
         elif v != 1.0:
             return -1, k
     return (1 if seen_zero >= 0 else 0), -1
+
+
+

@@ -1,90 +1,273 @@
 """Generic kernels that run a per-element or per-row loss over a whole batch.
 
-A driver applies per-position weights ``w`` (empty: all 1), writes the weighted
-per-position losses to ``out`` (empty: not wanted) and ``scale * w * d loss / d x`` to
-``grad``, and returns sum(w * loss) accumulated in float64 over fixed blocks.
+A driver cuts the batch into fixed blocks (``BLOCK`` elements, or ``BLOCK // C`` rows),
+runs them in parallel above ``PARALLEL_MIN`` elements and serially below, and adds the
+blocks' float64 sums in block order: the same inputs give the same bits for any thread
+count. Per block it applies the per-position weights ``w`` (empty: all 1), writes the
+weighted per-position losses to ``out`` (empty: not wanted) and
+``scale * w * d loss / d x`` to ``grad``. Drivers return (sum of w * loss, flags), where
+the flags (``_numerics.NONFINITE`` ...) report invalid inputs seen on the way; the engine
+decides which of them are errors.
 """
 
 from __future__ import annotations
 
-from ._numerics import BLOCK, In, Out, b1, f8, i8, inline, kernel
-from .classification import bce, bce_logits, cce_logits_row, cce_probs_row, hinge, squared_hinge
+import numba
+import numpy as np
+from numba import types as nt
+
+from ._numerics import (
+    BLOCK,
+    T_OUTSIDE_UNIT,
+    X_OUTSIDE_UNIT,
+    In,
+    Out,
+    b1,
+    block_sum,
+    check_values,
+    f8,
+    fconst,
+    i8,
+    is_bad,
+    kernel,
+)
+from .classification import (
+    SPARSE_LOGITS,
+    bce,
+    bce_logits,
+    cce_logits_row,
+    cce_probs_row,
+    hinge,
+    sparse_logits_row,
+    sparse_probs_row,
+    squared_hinge,
+)
 from .divergence import kl_log_row, kl_probs_row
 from .regression import huber, mae, mse, pseudo_huber
 
 # Element ops: (a, b) are the loss's scalar parameters.
 MAE, MSE, HUBER, PSEUDO_HUBER, HINGE, SQUARED_HINGE, BCE, BCE_LOGITS = range(8)
-# Row ops: ``a`` is label smoothing where the loss has it.
+# Dense row ops: ``a`` is the label smoothing where the loss has it.
 CCE_LOGITS, CCE_PROBS, KL_PROBS, KL_LOG = range(4)
 
-
-@inline
-def _element(op, x, y, a, b):  # type: ignore[no-untyped-def]
-    if op == MAE:
-        return mae(x, y)
-    if op == MSE:
-        return mse(x, y)
-    if op == HUBER:
-        return huber(x, y, a)
-    if op == PSEUDO_HUBER:
-        return pseudo_huber(x, y, a)
-    if op == HINGE:
-        return hinge(x, y, a != 0.0)
-    if op == SQUARED_HINGE:
-        return squared_hinge(x, y, a != 0.0)
-    if op == BCE:
-        return bce(x, y, a, b)
-    return bce_logits(x, y, a, b)
+_RESULT = nt.Tuple((f8, i8))
 
 
-@kernel(lambda F: f8(In(F), In(F), In(f8), Out(F), Out(F), f8, i8, f8, f8))
-def elementwise(x, y, w, out, grad, scale, op, a, b):  # type: ignore[no-untyped-def]
-    n = x.size
+def loop(fn):  # type: ignore[no-untyped-def]
+    """A loop generic over the loss function it is given. Inlined into its caller while
+    numba types the code, so the loss function is a compile-time constant: the loop is
+    specialised per loss (and vectorised), and the driver stays cacheable."""
+    return numba.njit(inline="always", error_model="numpy")(fn)
+
+
+@numba.njit(nogil=True)
+def _combine(sums, flags):  # type: ignore[no-untyped-def]
+    total = 0.0
+    seen = 0
+    for blk in range(sums.size):
+        total += sums[blk]
+        seen |= flags[blk]
+    return total, seen
+
+
+# --- elementwise ---------------------------------------------------------------------
+
+@loop
+def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b):  # type: ignore[no-untyped-def]
+    """One block: ``lb`` gets w * loss (float64); returns the input flags."""
     has_w = w.size > 0
     want_out = out.size > 0
     want_grad = grad.size > 0
-    total = 0.0
-    for lo in range(0, n, BLOCK):
-        acc = 0.0
-        for k in range(lo, min(lo + BLOCK, n)):
-            loss, g = _element(op, f8(x[k]), f8(y[k]), a, b)
-            wk = w[k] if has_w else 1.0
-            acc += wk * loss
-            if want_out:
-                out[k] = wk * loss
-            if want_grad:
-                grad[k] = scale * wk * g
-        total += acc
-    return total
+    bad = False
+    x_out = False
+    t_out = False
+    for j in range(x.size):
+        xj = x[j]
+        yj = y[j]
+        bad |= is_bad(xj) | is_bad(yj)
+        x_out |= (xj < fconst(xj, 0.0)) | (xj > fconst(xj, 1.0))
+        t_out |= (yj < fconst(yj, 0.0)) | (yj > fconst(yj, 1.0))
+        loss, g = elem(xj, yj, a, b)
+        wk = w[j] if has_w else 1.0
+        lw = wk * loss
+        lb[j] = lw
+        if want_out:
+            out[j] = lw
+        if want_grad:
+            grad[j] = fconst(xj, scale * wk) * g
+    return (1 if bad else 0) | (X_OUTSIDE_UNIT if x_out else 0) | (T_OUTSIDE_UNIT if t_out else 0)
 
 
-@inline
-def _row(op, x, t, g, coef, a, want_grad):  # type: ignore[no-untyped-def]
-    if op == CCE_LOGITS:
-        return cce_logits_row(x, t, g, coef, a, want_grad)
-    if op == CCE_PROBS:
-        return cce_probs_row(x, t, g, coef, a, want_grad)
-    if op == KL_PROBS:
-        return kl_probs_row(x, t, g, coef, a, want_grad)
-    return kl_log_row(x, t, g, coef, a, want_grad)
+@numba.njit(nogil=True, error_model="numpy")
+def _element_block(blk, op, x, y, w, out, grad, scale, a, b):  # type: ignore[no-untyped-def]
+    lo = blk * BLOCK
+    hi = min(lo + BLOCK, x.size)
+    xb, yb = x[lo:hi], y[lo:hi]
+    wb = w[lo:hi] if w.size else w
+    ob = out[lo:hi] if out.size else out
+    gb = grad[lo:hi] if grad.size else grad
+    lb = np.empty(hi - lo)
+    fa, fb = fconst(x, a), fconst(x, b)
+    if op == MAE:
+        flags = _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    elif op == MSE:
+        flags = _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    elif op == HUBER:
+        flags = _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    elif op == PSEUDO_HUBER:
+        flags = _element_loop(pseudo_huber, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    elif op == HINGE:
+        flags = _element_loop(hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    elif op == SQUARED_HINGE:
+        flags = _element_loop(squared_hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    elif op == BCE:
+        flags = _element_loop(bce, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    else:
+        flags = _element_loop(bce_logits, xb, yb, wb, lb, ob, gb, scale, fa, fb)
+    return block_sum(lb), flags
 
 
-@kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), f8, i8, f8, b1))
-def dense_rows(x, t, w, out, grad, scale, op, a, want_grad):  # type: ignore[no-untyped-def]
-    """Rows of predictions against rows of targets; ``grad`` is (1, C) when not wanted."""
-    rows, c = x.shape
+@kernel(lambda F: _RESULT(In(F), In(F), In(f8), Out(F), Out(F), f8, i8, f8, f8, b1),
+        parallel=True)
+def elementwise(x, y, w, out, grad, scale, op, a, b, parallel):  # type: ignore[no-untyped-def]
+    nb = (x.size + BLOCK - 1) // BLOCK
+    sums = np.empty(nb)
+    flags = np.empty(nb, dtype=np.int64)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk], flags[blk] = _element_block(blk, op, x, y, w, out, grad, scale, a, b)
+    else:
+        for blk in range(nb):
+            sums[blk], flags[blk] = _element_block(blk, op, x, y, w, out, grad, scale, a, b)
+    return _combine(sums, flags)
+
+
+# --- rows against rows (dense targets) -------------------------------------------------
+
+@loop
+def _dense_loop(row, x, t, w, out, grad, scale, a, want_grad):  # type: ignore[no-untyped-def]
+    c = x.shape[1]
     has_w = w.size > 0
     want_out = out.size > 0
-    per_block = max(1, BLOCK // c)
-    total = 0.0
-    for lo in range(0, rows, per_block):
-        acc = 0.0
-        for i in range(lo, min(lo + per_block, rows)):
-            wi = w[i] if has_w else 1.0
-            gi = grad[i] if want_grad else grad[0]
-            loss = _row(op, x[i], t[i], gi, scale * wi, a, want_grad)
-            acc += wi * loss
+    e = np.empty(c, dtype=x.dtype)
+    h = np.empty(c)
+    acc = 0.0
+    flags = 0
+    for i in range(x.shape[0]):
+        wi = w[i] if has_w else 1.0
+        gi = grad[i] if want_grad else e
+        loss, f = row(x[i], t[i], gi, e, h, scale * wi, a, want_grad)
+        flags |= f
+        acc += wi * loss
+        if want_out:
+            out[i] = wi * loss
+    return acc, flags
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _dense_block(blk, op, x, t, w, out, grad, scale, a, want_grad):  # type: ignore[no-untyped-def]
+    per = max(1, BLOCK // x.shape[1])
+    lo = blk * per
+    hi = min(lo + per, x.shape[0])
+    xb, tb = x[lo:hi], t[lo:hi]
+    wb = w[lo:hi] if w.size else w
+    ob = out[lo:hi] if out.size else out
+    gb = grad[lo:hi] if want_grad else grad
+    if op == CCE_LOGITS:
+        return _dense_loop(cce_logits_row, xb, tb, wb, ob, gb, scale, a, want_grad)
+    if op == CCE_PROBS:
+        return _dense_loop(cce_probs_row, xb, tb, wb, ob, gb, scale, a, want_grad)
+    if op == KL_PROBS:
+        return _dense_loop(kl_probs_row, xb, tb, wb, ob, gb, scale, a, want_grad)
+    return _dense_loop(kl_log_row, xb, tb, wb, ob, gb, scale, a, want_grad)
+
+
+@kernel(lambda F: _RESULT(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), f8, i8, f8, b1, b1),
+        parallel=True)
+def dense_rows(x, t, w, out, grad, scale, op, a, want_grad, parallel):  # type: ignore[no-untyped-def]
+    """Rows of predictions against rows of targets; ``grad`` is (0, C) when not wanted."""
+    per = max(1, BLOCK // x.shape[1])
+    nb = (x.shape[0] + per - 1) // per
+    sums = np.empty(nb)
+    flags = np.empty(nb, dtype=np.int64)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk], flags[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, want_grad)
+    else:
+        for blk in range(nb):
+            sums[blk], flags[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, want_grad)
+    return _combine(sums, flags)
+
+
+# --- rows against class indices --------------------------------------------------------
+
+@loop
+def _sparse_loop(row, x, y, s, cw, total_w, out, grad, scale, ignore, smoothing,  # type: ignore[no-untyped-def]
+                 want_grad):
+    c = x.shape[1]
+    has_s = s.size > 0
+    want_out = out.size > 0
+    e = np.empty(c, dtype=x.dtype)
+    h = np.empty(c)
+    acc = 0.0
+    flags = 0
+    for i in range(x.shape[0]):
+        yi = y[i]
+        gi = grad[i] if want_grad else e
+        if yi == ignore:
+            flags |= check_values(x[i], 0) & 1
             if want_out:
-                out[i] = wi * loss
-        total += acc
-    return total
+                out[i] = 0.0
+            if want_grad:
+                gi[:] = 0.0
+            continue
+        si = s[i] if has_s else 1.0
+        loss, f = row(x[i], yi, cw, total_w, gi, e, h, scale * si, smoothing, want_grad)
+        flags |= f
+        acc += si * loss
+        if want_out:
+            out[i] = si * loss
+    return acc, flags
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # type: ignore[no-untyped-def]
+                  smoothing, want_grad):
+    per = max(1, BLOCK // x.shape[1])
+    lo = blk * per
+    hi = min(lo + per, x.shape[0])
+    xb, yb = x[lo:hi], y[lo:hi]
+    sb = s[lo:hi] if s.size else s
+    ob = out[lo:hi] if out.size else out
+    gb = grad[lo:hi] if want_grad else grad
+    if op == SPARSE_LOGITS:
+        return _sparse_loop(sparse_logits_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
+                            smoothing, want_grad)
+    return _sparse_loop(sparse_probs_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
+                        smoothing, want_grad)
+
+
+@kernel(lambda F: _RESULT(In(F, 2), In(i8), In(f8), In(f8), Out(F), Out(F, 2), f8, i8, f8, i8,
+                          b1, b1), parallel=True)
+def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, want_grad,  # type: ignore[no-untyped-def]
+                parallel):
+    """Cross-entropy against class indices (see ``classification.sparse_*_row``). Rows whose
+    target is ``ignore`` contribute 0; ``s`` holds per-row sample weights."""
+    total_w = 0.0
+    for k in range(cw.size):
+        total_w += cw[k]
+    if cw.size == 0:
+        total_w = float(x.shape[1])
+    per = max(1, BLOCK // x.shape[1])
+    nb = (x.shape[0] + per - 1) // per
+    sums = np.empty(nb)
+    flags = np.empty(nb, dtype=np.int64)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk], flags[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale,
+                                                  ignore, smoothing, want_grad)
+    else:
+        for blk in range(nb):
+            sums[blk], flags[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale,
+                                                  ignore, smoothing, want_grad)
+    return _combine(sums, flags)
