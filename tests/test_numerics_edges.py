@@ -399,3 +399,15 @@ def test_bit_identical_repeats(loss, kind, params, dtype):
     full = compute(loss, x, t, sample_weight=w, reduction="sum", **params)
     if loss != "rmse":  # rmse's gradient is scaled by the batch's RMSE
         assert head.gradient.tobytes() == full.gradient[:1000].tobytes()
+
+
+@pytest.mark.parametrize("log_predictions", [False, True])
+def test_kl_nan_target_propagates_when_allowed(log_predictions):
+    """A NaN target must not be mistaken for p = 0 (which contributes exactly 0)."""
+    q = np.array([[0.5, 0.5]])
+    x = np.log(q) if log_predictions else q
+    r = compute("kl_divergence", x, [[np.nan, 0.5]], allow_nonfinite=True,
+                log_predictions=log_predictions, reduction="sum")
+    assert math.isnan(r.loss)
+    assert math.isnan(r.gradient[0, 0])
+    assert r.gradient[0, 1] == (-0.5 if log_predictions else -1.0)  # -p or -p/q

@@ -85,11 +85,10 @@ def from_rpc_error(err: grpc.RpcError) -> LossgradError:
     """Return the LossgradError for a failed call; the caller raises it ``from err``."""
     code = _call_attr(err, "code")
     details = _call_attr(err, "details")
-    metadata = _call_attr(err, "trailing_metadata") or ()
+    metadata = _call_attr(err, "trailing_metadata")
     values: dict[str, str] = {}
-    for item in metadata:
-        key, value = item[0], item[1]
-        if isinstance(value, bytes):
+    for key, value in metadata if isinstance(metadata, (tuple, list)) else ():
+        if isinstance(value, bytes):  # "-bin" keys carry bytes
             value = value.decode("utf-8", "replace")
         values[str(key)] = str(value)
     status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
     serve.add_argument("--host", default=env(_ENV_HOST, "127.0.0.1"),
                        help=f"address to bind (env {_ENV_HOST}; default %(default)s)")
-    serve.add_argument("--port", type=int, default=env(_ENV_PORT, "50051"),
+    serve.add_argument("--port", type=_port, default=env(_ENV_PORT, "50051"),
                        help=f"port to bind, 0 for any free port (env {_ENV_PORT}; "
                             "default %(default)s)")
     serve.add_argument("--max-workers", type=_positive_int,
@@ -53,11 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _int(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
     return value
+
+
+def _port(text: str) -> int:
+    return _int(text, 0, 65535)
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1)
 
 
 def _serve(args: argparse.Namespace) -> int:

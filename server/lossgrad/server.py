@@ -17,7 +17,7 @@ from . import engine
 from .service import LossService
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+DEFAULT_MAX_WORKERS = 2 * (os.cpu_count() or 1)  # kernels release the GIL
 DEFAULT_GRACE_S = 5.0
 
 _log = logging.getLogger("lossgrad.server")
@@ -37,6 +37,8 @@ def create_server(
     before the port opens, so the first request is not slow. The caller stops the
     server with ``server.stop(grace)``.
     """
+    if not 0 <= port <= 65535:  # gRPC would silently wrap 99999 to 34463
+        raise ValueError(f"port must be in [0, 65535], got {port}")
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     if max_message_bytes < 1:

@@ -47,9 +47,7 @@ class LossService(pb_grpc.LossServiceServicer):
     def ListLosses(
         self, request: pb.ListLossesRequest, context: grpc.ServicerContext
     ) -> pb.ListLossesResponse:
-        response = pb.ListLossesResponse()
-        response.CopyFrom(self._catalog)
-        return response
+        return self._catalog  # built once; never mutated, so safe to share between calls
 
 
 def _compute(request: Any, response: Any, *, gradient: bool) -> None:
@@ -68,9 +66,9 @@ def _compute(request: Any, response: Any, *, gradient: bool) -> None:
         wire.encode_tensor(result.loss, response.losses)
     else:
         response.loss = float(result.loss)
-    response.positions = result.positions
-    response.positions_counted = result.positions_counted
-    response.weight_sum = result.weight_sum
+    response.positions = int(result.positions)
+    response.positions_counted = int(result.positions_counted)
+    response.weight_sum = float(result.weight_sum)
     if gradient:
         if result.gradient is None:
             raise RuntimeError("engine returned no gradient")

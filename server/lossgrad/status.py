@@ -30,9 +30,8 @@ _log = logging.getLogger("lossgrad.service")
 
 def status_code(err: BaseException) -> grpc.StatusCode | None:
     """Return the status code for a domain error, or None for anything else."""
-    for cls in type(err).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
-        if code is not None:
+    for cls, code in STATUS_CODES.items():
+        if isinstance(err, cls):
             return code
     return None
 
@@ -40,7 +39,7 @@ def status_code(err: BaseException) -> grpc.StatusCode | None:
 def abort(context: grpc.ServicerContext, err: BaseException, method: str) -> NoReturn:
     """End the RPC with the status that ``err`` maps to; never returns."""
     code = status_code(err)
-    if code is None or not isinstance(err, LossgradError):
+    if code is None or not isinstance(err, LossgradError):  # a bug, not the caller's fault
         _log.exception("%s failed", method, exc_info=err)
         context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         raise AssertionError("unreachable")  # context.abort raises

@@ -25,8 +25,8 @@ from ._numerics import (
 
 @inline
 def _xlogx(p):  # type: ignore[no-untyped-def]
-    """p log p, 0 at p = 0."""
-    return p * flog(p) if p > fconst(p, 0.0) else fconst(p, 0.0)
+    """p log p, 0 at p = 0 (NaN stays NaN)."""
+    return p * flog(p) if p != fconst(p, 0.0) else fconst(p, 0.0)
 
 
 @inline
@@ -36,9 +36,9 @@ def kl_probs_row(q, p, g, e, h, coef, unused, want_grad):  # type: ignore[no-unt
     for k in range(q.size):
         pk = np.float64(p[k])
         lq, dlq = clog(np.float64(q[k]))
-        h[k] = _xlogx(pk) - (pk * lq if pk > 0.0 else 0.0)
+        h[k] = _xlogx(pk) - (pk * lq if pk != 0.0 else 0.0)
         if want_grad:
-            g[k] = saturate(-coef * pk * dlq, q) if pk > 0.0 else fconst(q, 0.0)
+            g[k] = saturate(-coef * pk * dlq, q) if pk != 0.0 else fconst(q, 0.0)
     return block_sum(h), flags
 
 
@@ -49,7 +49,7 @@ def kl_log_row(lq, p, g, e, h, coef, unused, want_grad):  # type: ignore[no-unty
     cf = fconst(lq, coef)
     for k in range(lq.size):
         pk = np.float64(p[k])
-        h[k] = _xlogx(pk) - (pk * np.float64(lq[k]) if pk > 0.0 else 0.0)
+        h[k] = _xlogx(pk) - (pk * np.float64(lq[k]) if pk != 0.0 else 0.0)
         if want_grad:
             g[k] = -cf * p[k]
     return block_sum(h), flags

@@ -1,0 +1,34 @@
+"""Typed Python client of the lossgrad service (needs only grpcio, protobuf and NumPy).
+
+>>> from lossgrad_client import LossClient
+>>> with LossClient("127.0.0.1:50051") as client:  # doctest: +SKIP
+...     result = client.compute_gradient("huber", predictions, targets, delta=0.5)
+"""
+
+from ._client import LossClient
+from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
+from .errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    LossgradError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeadlineExceededError",
+    "GradientResult",
+    "InputInfo",
+    "InternalError",
+    "InvalidArgumentError",
+    "LossClient",
+    "LossInfo",
+    "LossResult",
+    "LossgradError",
+    "ParamInfo",
+    "ResourceExhaustedError",
+    "UnavailableError",
+]

@@ -1,0 +1,307 @@
+"""LossClient: the typed, blocking client of lossgrad.v1.LossService."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+
+from ._convert import from_tensor, to_tensor
+from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from ._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
+from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
+from .errors import InvalidArgumentError, from_rpc_error
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+_REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
+    "none": pb.REDUCTION_NONE,
+    "sum": pb.REDUCTION_SUM,
+    "mean": pb.REDUCTION_MEAN,
+}
+# LossParams fields by name: the keyword parameters of compute_loss/compute_gradient.
+_PARAM_FIELDS: dict[str, FieldDescriptor] = dict(pb.LossParams.DESCRIPTOR.fields_by_name)
+
+_Client = TypeVar("_Client", bound="LossClient")
+_Response = TypeVar("_Response")
+
+
+class LossClient:
+    """Blocking client of a lossgrad server; safe to share between threads.
+
+    ``target`` is ``"host:port"`` (any gRPC target string). ``timeout`` is the default
+    deadline of every call in seconds (None: no deadline); each method's ``timeout``
+    overrides it. ``max_message_bytes`` bounds requests and responses and should match
+    the server's. ``options`` are extra gRPC channel arguments; ``credentials`` makes a
+    TLS channel instead of a plaintext one. Use it as a context manager or call
+    :meth:`close`.
+
+    Arrays in results are read-only views of the response bytes; copy one to modify it.
+    Every error is a :class:`lossgrad_client.LossgradError`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        merged: dict[str, Any] = {
+            "grpc.max_send_message_length": max_message_bytes,
+            "grpc.max_receive_message_length": max_message_bytes,
+        }
+        merged.update(options or ())
+        channel_options = list(merged.items())
+        self._target = target
+        self._timeout = timeout
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = pb_grpc.LossServiceStub(self._channel)
+
+    def __enter__(self: _Client) -> _Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LossClient({self._target!r})"
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def compute_loss(
+        self,
+        loss: str,
+        predictions: Any,
+        targets: Any,
+        *,
+        reduction: str = "mean",
+        sample_weight: Any = None,
+        allow_nonfinite: bool = False,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> LossResult:
+        """Compute a loss on the server.
+
+        ``loss`` is a name or alias from :meth:`list_losses`. ``predictions``,
+        ``targets`` and ``sample_weight`` are anything ``np.asarray`` takes:
+        float32/float64 (int32/int64 for class indices and labels); Python lists of
+        floats are sent as float64. ``reduction`` is "none", "sum" or "mean".
+        ``params`` are the loss's parameters (``delta=0.5``, ``from_logits=True``,
+        ``class_weight=[...]``); None leaves one unset. With ``allow_nonfinite`` the
+        server accepts NaN and Inf instead of rejecting them.
+        """
+        request = pb.ComputeLossRequest()
+        _fill(request, loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
+              params)
+        response: pb.ComputeLossResponse = self._call(
+            self._stub.ComputeLoss, request, timeout)
+        return LossResult(
+            loss=_loss_value(response, request.reduction),
+            positions=response.positions,
+            positions_counted=response.positions_counted,
+            weight_sum=response.weight_sum,
+        )
+
+    def compute_gradient(
+        self,
+        loss: str,
+        predictions: Any,
+        targets: Any,
+        *,
+        reduction: str = "mean",
+        sample_weight: Any = None,
+        allow_nonfinite: bool = False,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> GradientResult:
+        """Compute a loss and its gradient w.r.t. ``predictions`` on the server.
+
+        Takes the arguments of :meth:`compute_loss`. The gradient is of exactly the
+        returned value (of the sum of the per-position values for "none") and has the
+        predictions' shape and dtype.
+        """
+        request = pb.ComputeGradientRequest()
+        _fill(request, loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
+              params)
+        response: pb.ComputeGradientResponse = self._call(
+            self._stub.ComputeGradient, request, timeout)
+        return GradientResult(
+            loss=_loss_value(response, request.reduction),
+            gradient=from_tensor(response.gradient, "gradient"),
+            positions=response.positions,
+            positions_counted=response.positions_counted,
+            weight_sum=response.weight_sum,
+        )
+
+    def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
+        """Return the server's catalog: every loss, its inputs and its parameters."""
+        response: pb.ListLossesResponse = self._call(
+            self._stub.ListLosses, pb.ListLossesRequest(), timeout)
+        return [_loss_info(info) for info in response.losses]
+
+    def _call(
+        self, method: Callable[..., _Response], request: Any, timeout: float | None
+    ) -> _Response:
+        try:
+            return method(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+
+def _fill(
+    request: pb.ComputeLossRequest | pb.ComputeGradientRequest,
+    loss: str,
+    predictions: Any,
+    targets: Any,
+    reduction: str,
+    sample_weight: Any,
+    allow_nonfinite: bool,
+    params: Mapping[str, Any],
+) -> None:
+    """Fill the fields that ComputeLossRequest and ComputeGradientRequest share."""
+    if not isinstance(loss, str):
+        raise InvalidArgumentError(
+            f"loss: expected a loss name, got {type(loss).__name__}", field="loss")
+    request.loss = loss
+    request.reduction = _reduction(reduction)
+    request.allow_nonfinite = bool(allow_nonfinite)
+    _set_params(request.params, params)
+    request.predictions.CopyFrom(to_tensor(predictions, "predictions"))
+    request.targets.CopyFrom(to_tensor(targets, "targets"))
+    if sample_weight is not None:
+        request.sample_weight.CopyFrom(to_tensor(sample_weight, "sample_weight"))
+
+
+def _reduction(value: str) -> pb.Reduction.ValueType:
+    code = _REDUCTIONS.get(value.lower()) if isinstance(value, str) else None
+    if code is None:
+        raise InvalidArgumentError(
+            f"reduction: unknown reduction {value!r}; expected one of "
+            + ", ".join(repr(name) for name in _REDUCTIONS),
+            reason="UNKNOWN_REDUCTION", field="reduction")
+    return code
+
+
+def _set_params(out: pb.LossParams, params: Mapping[str, Any]) -> None:
+    """Set each keyword on the LossParams field of the same name; None leaves it unset."""
+    for name, value in params.items():
+        descriptor = _PARAM_FIELDS.get(name)
+        if descriptor is None:
+            raise InvalidArgumentError(
+                f"params: unknown parameter {name!r}; valid parameters: "
+                + ", ".join(sorted(_PARAM_FIELDS)),
+                reason="UNKNOWN_PARAMETER", field=f"params.{name}")
+        if value is None:
+            continue
+        field = f"params.{name}"
+        if descriptor.is_repeated:
+            getattr(out, name).extend(_double_list(value, field))
+        elif descriptor.type == FieldDescriptor.TYPE_BOOL:
+            if not isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "a bool", value)
+            setattr(out, name, bool(value))
+        elif descriptor.type == FieldDescriptor.TYPE_INT64:
+            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "an int", value)
+            if not -(2**63) <= int(value) < 2**63:
+                raise InvalidArgumentError(f"{field}: {value} is outside int64",
+                                           reason="PARAMETER_OUT_OF_RANGE", field=field)
+            setattr(out, name, int(value))
+        else:  # TYPE_DOUBLE
+            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "a number", value)
+            setattr(out, name, float(value))
+
+
+def _double_list(value: Any, field: str) -> list[float]:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise _type_error(field, "a sequence of numbers", value) from err
+    if array.ndim != 1:
+        raise _type_error(field, "a 1-D sequence of numbers", value)
+    values: list[float] = array.tolist()
+    return values
+
+
+def _type_error(field: str, expected: str, value: object) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{field}: expected {expected}, got {type(value).__name__}",
+                                reason="INVALID_ARGUMENT", field=field)
+
+
+def _loss_value(
+    response: pb.ComputeLossResponse | pb.ComputeGradientResponse, reduction: int
+) -> float | np.ndarray[Any, Any]:
+    if reduction == pb.REDUCTION_NONE:
+        return from_tensor(response.losses, "losses")
+    return float(response.loss)
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:  # a value newer than this client
+        return f"unknown_{value}"
+    return name.removeprefix(prefix).lower()
+
+
+def _input_info(spec: pb.InputSpec) -> InputInfo:
+    return InputInfo(
+        kind=_enum_name(pb.InputKind, spec.kind, "INPUT_KIND_"),
+        dtypes=tuple(_enum_name(pb.DataType, d, "DATA_TYPE_") for d in spec.dtypes),
+        description=spec.description,
+    )
+
+
+def _param_info(info: pb.ParamInfo) -> ParamInfo:
+    default: float | bool | int | None = None
+    if not info.optional:
+        if info.type == pb.PARAM_TYPE_DOUBLE:
+            default = info.default_double
+        elif info.type == pb.PARAM_TYPE_BOOL:
+            default = info.default_bool
+        elif info.type == pb.PARAM_TYPE_INT64:
+            default = info.default_int64
+    return ParamInfo(
+        name=info.name,
+        type=_enum_name(pb.ParamType, info.type, "PARAM_TYPE_"),
+        default=default,
+        optional=info.optional,
+        minimum=info.minimum if info.HasField("minimum") else None,
+        minimum_inclusive=info.minimum_inclusive,
+        maximum=info.maximum if info.HasField("maximum") else None,
+        maximum_inclusive=info.maximum_inclusive,
+        description=info.description,
+    )
+
+
+def _loss_info(info: pb.LossInfo) -> LossInfo:
+    return LossInfo(
+        name=info.name,
+        aliases=tuple(info.aliases),
+        description=info.description,
+        predictions=_input_info(info.predictions),
+        targets=_input_info(info.targets),
+        params=tuple(_param_info(p) for p in info.params),
+        class_axis_last=info.class_axis_last,
+        reference=info.reference,
+    )
+
