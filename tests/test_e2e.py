@@ -479,3 +479,13 @@ def test_messages_above_grpc_default_limit(client: LossClient) -> None:
     x, t = rng.normal(size=1 << 20), rng.normal(size=1 << 20)
     result = client.compute_gradient("mse", x, t, reduction="none")
     assert_matches_engine(result, "mse", x, t, reduction="none")
+
+
+def test_list_losses_states_the_conventions(stub: Any) -> None:
+    """ListLosses carries the shared semantics, so other-language clients need no README."""
+    from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
+
+    text = stub.ListLosses(pb.ListLossesRequest()).conventions
+    for phrase in ("(predictions, targets)", "sum(w_i * l_i) / sum(w_i)", "floored at -100",
+                   "ignore_index", "float64"):
+        assert phrase in text

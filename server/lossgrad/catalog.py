@@ -191,6 +191,34 @@ LOSSES: tuple[LossSpec, ...] = (
     ),
 )
 
+CONVENTIONS = """\
+Argument order is (predictions, targets), as in PyTorch and optax.
+A position is one element for elementwise losses and one row along the last axis (the
+class axis) for categorical_cross_entropy, sparse_categorical_cross_entropy and
+kl_divergence. Predictions need >= 1 dimension (>= 2 for the class losses), none of size 0.
+Weights: w_i = sample_weight_i (shape (N,) for the batch axis, or the per-position shape;
+finite, >= 0) x class_weight[target_i] (sparse_categorical_cross_entropy), and 0 where the
+target is ignore_index.
+Reductions: NONE returns w_i * l_i per position; SUM returns sum(w_i * l_i); MEAN (the
+default) returns sum(w_i * l_i) / sum(w_i). Unweighted MEAN equals PyTorch's 'mean' (for
+kl_divergence, 'batchmean' on 2-D input). If every weight is 0 the loss and the gradient
+are 0; responses carry positions_counted and weight_sum.
+rmse is the square root of mse under the same reduction and weights.
+Clamps follow PyTorch: logs of probability inputs are floored at -100; logits use stable
+softplus / log-sum-exp forms. Label smoothing: (1 - eps) q + eps / C for class rows,
+PyTorch's two-term mixture for class indices, y (1 - eps) + eps / 2 for
+binary_cross_entropy (Keras).
+Gradients are of exactly the value returned, w.r.t. the predictions (with NONE, of the sum
+of the per-position values); where a clamp is active its term contributes 0; the
+subgradient at kinks is 0. Float32 gradients of probability inputs saturate at the
+largest float32 instead of overflowing.
+Predictions are float32 or float64; per-position values and the gradient come back in
+the predictions' dtype; float targets are converted to it. Element math runs in the
+predictions' type, every sum in float64 over fixed blocks in a fixed order: the same
+inputs always give the same bits.
+NaN/Inf inputs are rejected unless allow_nonfinite is set.
+"""
+
 _BY_NAME: dict[str, LossSpec] = {}
 for _spec in LOSSES:
     for _name in (_spec.name, *_spec.aliases):

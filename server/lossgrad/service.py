@@ -77,7 +77,8 @@ def _compute(request: Any, response: Any, *, gradient: bool) -> None:
 
 def list_losses_response(losses: tuple[catalog.LossSpec, ...]) -> pb.ListLossesResponse:
     """Convert the catalog to its ListLosses message."""
-    return pb.ListLossesResponse(losses=[_loss_info(spec) for spec in losses])
+    return pb.ListLossesResponse(losses=[_loss_info(spec) for spec in losses],
+                                 conventions=catalog.CONVENTIONS)
 
 
 def _loss_info(spec: catalog.LossSpec) -> pb.LossInfo:

@@ -507,6 +507,11 @@ class ListLossesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOSSES_FIELD_NUMBER: _builtins.int
+    CONVENTIONS_FIELD_NUMBER: _builtins.int
+    conventions: _builtins.str
+    """The conventions every loss follows: argument order, positions, weights,
+    reductions, clamps, gradients and dtypes, in words.
+    """
     @_builtins.property
     def losses(self) -> _containers.RepeatedCompositeFieldContainer[Global___LossInfo]:
         """Every loss the server computes."""
@@ -515,10 +520,11 @@ class ListLossesResponse(_message.Message):
         self,
         *,
         losses: _abc.Iterable[Global___LossInfo] | None = ...,
+        conventions: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["losses", b"losses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conventions", b"conventions", "losses", b"losses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
