@@ -327,17 +327,19 @@ def _first_outside_unit(arr: np.ndarray, field: str, what: str) -> None:
             VALUE_OUT_OF_RANGE)
 
 
-def _raise_for_flags(batch: _Batch, flags: int, x_unit: bool, t_unit: bool,
-                     x_what: str = "probabilities") -> None:
-    """Turn the invalid-input flags a kernel reported into the error for the first bad
-    value. Only runs when a flag is set: valid requests pay no extra pass."""
-    if flags & nm.NONFINITE and not batch.allow_nonfinite:
+def _check_nonfinite_total(batch: _Batch, total: float, x_unit: bool, t_unit: bool) -> None:
+    """Kernels poison the sum with NaN/Inf when an input is invalid, so valid requests pay
+    no extra pass. Only a non-finite sum looks for the first offending value; if there is
+    none (a genuine overflow, or NaN/Inf the request allowed) the result stands."""
+    if math.isfinite(total):
+        return
+    if not batch.allow_nonfinite:
         _first_nonfinite(batch.x, "predictions")
         if batch.t.dtype.kind == "f":
             _first_nonfinite(batch.t, "targets")
-    if flags & nm.X_OUTSIDE_UNIT and x_unit:
-        _first_outside_unit(batch.x, "predictions", x_what)
-    if flags & nm.T_OUTSIDE_UNIT and t_unit:
+    if x_unit:
+        _first_outside_unit(batch.x, "predictions", "probabilities")
+    if t_unit:
         _first_outside_unit(batch.t, "targets", "probabilities")
 
 
@@ -403,18 +405,18 @@ def _result(batch: _Batch, x: np.ndarray, total: float, out: np.ndarray,
 def _run_elementwise(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float = 0.0,
                      b: float = 0.0, x_unit: bool = False, t_unit: bool = False) -> Result:
     out, grad = _buffers(batch, want_grad)
-    total, flags = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch),
-                                       op, a, b, _parallel(batch))
-    _raise_for_flags(batch, flags, x_unit, t_unit)
+    total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a, b,
+                                not batch.allow_nonfinite, _parallel(batch))
+    _check_nonfinite_total(batch, total, x_unit, t_unit)
     return _result(batch, x, total, out, grad if want_grad else None)
 
 
 def _run_dense(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float,
                x_unit: bool) -> Result:
     out, grad = _buffers(batch, want_grad)
-    total, flags = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op,
-                                      a, want_grad, _parallel(batch))
-    _raise_for_flags(batch, flags, x_unit, True)
+    total = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a,
+                               not batch.allow_nonfinite, want_grad, _parallel(batch))
+    _check_nonfinite_total(batch, total, x_unit, True)
     return _result(batch, x, total, out, grad if want_grad else None)
 
 
@@ -430,16 +432,16 @@ def _rmse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
         batch.w = np.sqrt(batch.w) if batch.w.size else batch.w
         return _run_elementwise(batch, x, want_grad, drivers.MAE)
     out, grad = _buffers(batch, False)
-    total, flags = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, 0.0, drivers.MSE,
-                                       0.0, 0.0, _parallel(batch))
-    _raise_for_flags(batch, flags, False, False)
+    total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, 0.0, drivers.MSE, 0.0,
+                                0.0, not batch.allow_nonfinite, _parallel(batch))
+    _check_nonfinite_total(batch, total, False, False)
     divisor = batch.weight_sum if batch.reduction is Reduction.MEAN else 1.0
     rmse = math.sqrt(total / divisor) if divisor > 0 else 0.0
     if want_grad:
         out, grad = _buffers(batch, True)
         scale = 1.0 / (2.0 * rmse * divisor) if rmse > 0 else 0.0
         drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0,
-                            _parallel(batch))
+                            not batch.allow_nonfinite, _parallel(batch))
     return Result(rmse, grad.reshape(x.shape) if want_grad else None,
                   math.prod(batch.position_shape), batch.counted, batch.weight_sum)
 
@@ -481,11 +483,11 @@ def _sparse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
     p = batch.params
     logits = p["from_logits"]
     out, grad = _buffers(batch, want_grad)
-    total, flags = drivers.sparse_rows(
+    total = drivers.sparse_rows(
         batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
         p["ignore_index"], p["label_smoothing"], SPARSE_LOGITS if logits else SPARSE_PROBS,
-        want_grad, _parallel(batch))
-    _raise_for_flags(batch, flags, not logits, False)
+        not batch.allow_nonfinite, want_grad, _parallel(batch))
+    _check_nonfinite_total(batch, total, not logits, False)
     return _result(batch, x, total, out, grad if want_grad else None)
 
 

@@ -8,6 +8,10 @@ hand-written exp/log (PyPI's llvmlite has no SVML, so ``math.exp`` in a loop is 
 libm call that blocks vectorisation); every sum is accumulated in float64 over fixed
 blocks that are added in block order, so the bits depend only on the inputs, never on the
 thread count.
+
+Invalid inputs (NaN/Inf, probabilities outside [0, 1]) poison the loss with NaN on the
+way, so a valid request costs no extra pass: only a non-finite sum sends the engine to
+look for the offending value.
 """
 
 from __future__ import annotations
@@ -26,10 +30,6 @@ BLOCK = 4096  # positions (elements, or C-element rows' worth) per block
 PARALLEL_MIN = 65536  # elements; below this a call runs serially (prange costs a few µs)
 LOG_FLOOR = -100.0  # PyTorch's floor for log-probabilities (BCELoss)
 
-# Bits of the invalid-input flags a driver returns; the engine decides which matter.
-NONFINITE = 1  # a NaN or Inf in the predictions or (float) targets
-X_OUTSIDE_UNIT = 2  # a prediction outside [0, 1]
-T_OUTSIDE_UNIT = 4  # a target outside [0, 1]
 
 f8 = nt.float64
 i8 = nt.int64
@@ -284,21 +284,17 @@ def clog(v):  # type: ignore[no-untyped-def]
 
 
 @inline
-def is_bad(v):  # type: ignore[no-untyped-def]
-    """True for NaN and +-Inf: v - v is NaN exactly then (branch-free)."""
-    return (v - v) != fconst(v, 0.0)
+def poison(v):  # type: ignore[no-untyped-def]
+    """0 for a finite v, NaN for NaN and +-Inf (v - v). Added to a loss, it makes the sum
+    non-finite exactly when an input is, so valid requests need no separate check pass."""
+    return v - v
 
 
 @inline
-def check_values(v, outside_bit):  # type: ignore[no-untyped-def]
-    """NONFINITE if v holds a NaN/Inf, plus ``outside_bit`` if a value is outside [0, 1]."""
-    bad = False
-    outside = False
-    for k in range(v.size):
-        a = v[k]
-        bad |= is_bad(a)
-        outside |= (a < fconst(a, 0.0)) | (a > fconst(a, 1.0))
-    return (NONFINITE if bad else 0) | (outside_bit if outside else 0)
+def unit_poison(v):  # type: ignore[no-untyped-def]
+    """0 for v in [0, 1], NaN otherwise (and for NaN): marks a bad probability."""
+    inside = (v >= fconst(v, 0.0)) & (v <= fconst(v, 1.0))
+    return fconst(v, 0.0) if inside else fconst(v, np.nan)
 
 
 # --- input checks on the slow path: locate the first bad value -----------------------------

@@ -3,7 +3,8 @@
 Binary functions take (x, y, a, b) in the predictions' float type and return
 (loss, d loss / d x). Row functions take a row of predictions ``x``, its targets, a
 gradient row ``g`` (written as ``coef * d loss / d x`` when ``want_grad``) and two scratch
-rows ``e`` and ``h``, and return (row loss as float64, invalid-input flags).
+rows (``e`` in the row's type, ``h`` float64), and return the row loss as float64.
+Invalid inputs make the returned loss NaN (see ``_numerics.poison``).
 """
 
 from __future__ import annotations
@@ -14,20 +15,19 @@ from numba import types as nt
 
 from ._numerics import (
     BLOCK,
-    T_OUTSIDE_UNIT,
-    X_OUTSIDE_UNIT,
     In,
     block_sum,
-    check_values,
     clog,
     f8,
     fconst,
     fexp,
-    flog1p,
+    flog,
     i8,
     inline,
     kernel,
+    poison,
     saturate,
+    unit_poison,
 )
 
 
@@ -63,9 +63,9 @@ def bce(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
     floor contributes 0."""
     t = _smooth(y, smoothing)
     one = fconst(x, 1.0)
-    lp, dlp = clog(x)
-    lq, dlq = clog(one - x)
-    loss = -(pos_weight * t * lp + (one - t) * lq)
+    lp, dlp = clog(x)  # NaN for x < 0
+    lq, dlq = clog(one - x)  # NaN for x > 1
+    loss = -(pos_weight * t * lp + (one - t) * lq) + unit_poison(y)
     return loss, saturate((one - t) * dlq - pos_weight * t * dlp, x)
 
 
@@ -80,40 +80,42 @@ def bce_logits(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
     one = fconst(x, 1.0)
     zero = fconst(x, 0.0)
     e = fexp(-abs(x))
-    lg = flog1p(e)
+    w = one + e
+    r = one / w
+    lg = flog(w) + (e - (w - one)) * r  # log1p(e), the rounding of 1 + e corrected
     sp_pos = max(x, zero) + lg  # softplus(x)
     sp_neg = max(-x, zero) + lg  # softplus(-x)
-    sig = one / (one + e) if x >= zero else e / (one + e)
-    loss = pos_weight * t * sp_neg + (one - t) * sp_pos
+    sig = (one if x >= zero else e) * r
+    loss = pos_weight * t * sp_neg + (one - t) * sp_pos + unit_poison(y)
     return loss, (one + (pos_weight - one) * t) * sig - pos_weight * t
 
 
-@numba.njit(nogil=True, error_model="numpy", fastmath={"nnan", "ninf", "reassoc"})
-def _finite_row_max(x):  # type: ignore[no-untyped-def]
-    """max of a row known to be finite (callers check first), vectorised."""
+@numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
+def _row_max(x):  # type: ignore[no-untyped-def]
+    """max of a row (vectorised; a row with NaN is caught by ``poison`` downstream)."""
     m = x[0]
     for k in range(1, x.size):
-        m = max(m, x[k])
+        m = x[k] if x[k] > m else m
     return m
 
 
 @inline
-def softmax_row(x, e):  # type: ignore[no-untyped-def]
-    """Write e_k = exp(x_k - m) (0 at the maxima); return (m, s1, flags) where
-    s1 = sum_k exp(x_k - m) - 1 as float64.
+def softmax_row(x, e, strict):  # type: ignore[no-untyped-def]
+    """Write e_k = exp(x_k - m) (0 at the maxima); return (m, s1) where
+    s1 = sum_k exp(x_k - m) - 1 as float64 (NaN if the row has a NaN/Inf).
 
     s1 leaves out one exp(0) = 1 exactly, so LSE(x) - x_k = (m - x_k) + log1p(s1) keeps
     full relative precision for confident rows.
     """
-    flags = check_values(x, 0)
-    m = _finite_row_max(x) if flags == 0 else x[0]
+    m = _row_max(x)
     ties = 0
     for k in range(x.size):
         d = x[k] - m
         at_max = d == fconst(d, 0.0)
         ties += 1 if at_max else 0
-        e[k] = fconst(d, 0.0) if at_max else fexp(d)
-    return m, block_sum(e) + (ties - 1), flags
+        ek = fconst(d, 0.0) if at_max else fexp(d)
+        e[k] = ek + poison(x[k]) if strict else ek
+    return m, block_sum(e) + (ties - 1)
 
 
 @inline
@@ -125,16 +127,15 @@ def softmax_from_exps(e, x, m, s):  # type: ignore[no-untyped-def]
 
 
 @inline
-def cce_logits_row(x, q, g, e, h, coef, smoothing, want_grad):  # type: ignore[no-untyped-def]
+def cce_logits_row(x, q, g, e, h, coef, smoothing, strict, want_grad):  # type: ignore[no-untyped-def]
     """sum_k q'_k (LSE(x) - x_k), q' = (1 - eps) q + eps / C (PyTorch CrossEntropyLoss
     with probability targets). Gradient (sum q') softmax(x) - q'."""
     c = x.size
-    m, s1, flags = softmax_row(x, e)
-    flags |= check_values(q, T_OUTSIDE_UNIT)
+    m, s1 = softmax_row(x, e, strict)
     keep = fconst(x, 1.0 - smoothing)
     spread = fconst(x, smoothing / c)
     for k in range(c):
-        h[k] = keep * q[k] + spread
+        h[k] = keep * q[k] + spread + unit_poison(q[k])
     total_q = block_sum(h)
     for k in range(c):
         h[k] = h[k] * (m - x[k])
@@ -145,24 +146,23 @@ def cce_logits_row(x, q, g, e, h, coef, smoothing, want_grad):  # type: ignore[n
         cf = fconst(x, coef)
         for k in range(c):
             g[k] = a * e[k] - cf * (keep * q[k] + spread)
-    return loss, flags
+    return loss
 
 
 @inline
-def cce_probs_row(x, q, g, e, h, coef, smoothing, want_grad):  # type: ignore[no-untyped-def]
+def cce_probs_row(x, q, g, e, h, coef, smoothing, strict, want_grad):  # type: ignore[no-untyped-def]
     """-sum_k q'_k log x_k with log floored at -100 (the NLL of log x, no renormalisation)."""
     c = x.size
-    flags = check_values(x, X_OUTSIDE_UNIT) | check_values(q, T_OUTSIDE_UNIT)
     keep = fconst(x, 1.0 - smoothing)
     spread = fconst(x, smoothing / c)
     cf = fconst(x, coef)
     for k in range(c):
         qk = keep * q[k] + spread
         lv, dlv = clog(x[k])
-        e[k] = -qk * lv
+        e[k] = -qk * lv + unit_poison(x[k]) + unit_poison(q[k])
         if want_grad:
             g[k] = saturate(-cf * qk * dlv, x)
-    return block_sum(e), flags
+    return block_sum(e)
 
 
 SPARSE_LOGITS = 0
@@ -171,14 +171,14 @@ SPARSE_PROBS = 1
 
 @inline
 def sparse_logits_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ignore[no-untyped-def]
-                      want_grad):
+                      strict, want_grad):
     """(1 - eps) w_y (LSE - x_y) + (eps / C) sum_c w_c (LSE - x_c) (PyTorch LossNLL.cpp).
 
     Gradient p * ((1 - eps) w_y + (eps / C) sum w) - (1 - eps) w_y e_y - (eps / C) w.
     """
     c = x.size
     has_cw = cw.size > 0
-    m, s1, flags = softmax_row(x, e)
+    m, s1 = softmax_row(x, e, strict)
     lse_m = np.log1p(s1)
     wy = cw[yi] if has_cw else 1.0
     spread = smoothing / c
@@ -194,21 +194,23 @@ def sparse_logits_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ign
         for k in range(c):
             g[k] = a * e[k] - b * (fconst(x, cw[k]) if has_cw else fconst(x, 1.0))
         g[yi] -= fconst(x, coef * (1.0 - smoothing) * wy)
-    return loss, flags
+    return loss
 
 
 @inline
 def sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ignore[no-untyped-def]
-                     want_grad):
+                     strict, want_grad):
     """(1 - eps) w_y (-log x_y) + (eps / C) sum_c w_c (-log x_c), logs floored at -100
     (PyTorch NLLLoss of the floored log)."""
     c = x.size
     has_cw = cw.size > 0
-    flags = check_values(x, X_OUTSIDE_UNIT)
+    for k in range(c):
+        e[k] = unit_poison(x[k])
+    bad = block_sum(e)  # NaN if a value is outside [0, 1] or not finite
     wy = cw[yi] if has_cw else 1.0
     spread = smoothing / c
     lv, dlv = clog(x[yi])
-    loss = -(1.0 - smoothing) * wy * lv
+    loss = -(1.0 - smoothing) * wy * lv + bad
     if want_grad:
         for k in range(c):
             g[k] = fconst(x, 0.0)
@@ -223,7 +225,7 @@ def sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: igno
         loss += spread * block_sum(e)
     if want_grad:
         g[yi] = saturate(g[yi] - fconst(x, coef * (1.0 - smoothing) * wy) * dlv, x)
-    return loss, flags
+    return loss
 
 
 @numba.njit(nt.Tuple((i8, f8, i8))(In(i8), i8, i8, In(f8), In(f8)), nogil=True, cache=True)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from ._numerics import (
-    T_OUTSIDE_UNIT,
-    X_OUTSIDE_UNIT,
     block_sum,
-    check_values,
     clog,
     fconst,
     flog,
     inline,
+    poison,
     saturate,
+    unit_poison,
 )
 
 
@@ -30,26 +29,29 @@ def _xlogx(p):  # type: ignore[no-untyped-def]
 
 
 @inline
-def kl_probs_row(q, p, g, e, h, coef, unused, want_grad):  # type: ignore[no-untyped-def]
+def kl_probs_row(q, p, g, e, h, coef, unused, strict, want_grad):  # type: ignore[no-untyped-def]
     """Predictions are probabilities q; log q is floored at -100. Gradient -p / q."""
-    flags = check_values(q, X_OUTSIDE_UNIT) | check_values(p, T_OUTSIDE_UNIT)
     for k in range(q.size):
         pk = np.float64(p[k])
         lq, dlq = clog(np.float64(q[k]))
-        h[k] = _xlogx(pk) - (pk * lq if pk != 0.0 else 0.0)
+        h[k] = (_xlogx(pk) - (pk * lq if pk != 0.0 else 0.0)
+                + unit_poison(pk) + unit_poison(np.float64(q[k])))
         if want_grad:
             g[k] = saturate(-coef * pk * dlq, q) if pk != 0.0 else fconst(q, 0.0)
-    return block_sum(h), flags
+    return block_sum(h)
 
 
 @inline
-def kl_log_row(lq, p, g, e, h, coef, unused, want_grad):  # type: ignore[no-untyped-def]
-    """Predictions are log q (PyTorch KLDivLoss input). Gradient -p."""
-    flags = check_values(lq, 0) | check_values(p, T_OUTSIDE_UNIT)
+def kl_log_row(lq, p, g, e, h, coef, unused, strict, want_grad):  # type: ignore[no-untyped-def]
+    """Predictions are log q (PyTorch KLDivLoss input). Gradient -p. log q = -inf is
+    accepted where p = 0 (an exact zero); elsewhere it makes the loss +inf."""
     cf = fconst(lq, coef)
     for k in range(lq.size):
         pk = np.float64(p[k])
-        h[k] = _xlogx(pk) - (pk * np.float64(lq[k]) if pk != 0.0 else 0.0)
+        lqk = np.float64(lq[k])
+        # log q = -inf where p = 0 is an exact zero probability: valid, contributes 0.
+        h[k] = (_xlogx(pk) - (pk * lqk if pk != 0.0 else 0.0)
+                + unit_poison(pk) + (poison(lqk) if strict and lqk != -np.inf else 0.0))
         if want_grad:
             g[k] = -cf * p[k]
-    return block_sum(h), flags
+    return block_sum(h)
