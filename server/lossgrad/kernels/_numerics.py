@@ -195,6 +195,13 @@ def _log64(x):  # type: ignore[no-untyped-def]
     return x if x != x else res
 
 
+# log(1 + f) = f - f^2/2 + f^3 P(f) on [sqrt(1/2) - 1, sqrt(2) - 1]: P is a degree-7 fit on
+# Chebyshev nodes (max error 4e-8 evaluated in float32). No division, unlike atanh forms.
+_LOG1P_P32 = (0.3333332859579442, -0.25000296545330847, 0.20001468660251007,
+              -0.166422476932768, 0.1420217203095301, -0.12972236173615023,
+              0.1271231885008641, -0.08101579745219883)
+
+
 def _log32(x):  # type: ignore[no-untyped-def]
     tiny = x < np.float32(1.17549435e-38)
     xs = x * np.float32(16777216.0) if tiny else x  # 2^24 lifts subnormals
@@ -204,12 +211,15 @@ def _log32(x):  # type: ignore[no-untyped-def]
     big = m > np.float32(_SQRT2)
     m = m * np.float32(0.5) if big else m
     e = e + 1 if big else e
-    s = (m - np.float32(1.0)) / (m + np.float32(1.0))
-    z = s * s
-    p = np.float32(1.0) + z * (np.float32(1.0 / 3) + z * (np.float32(1.0 / 5) + z * (
-        np.float32(1.0 / 7) + z * (np.float32(1.0 / 9) + z * np.float32(1.0 / 11)))))
+    f = m - np.float32(1.0)
+    c = _LOG1P_P32
+    p = np.float32(c[0]) + f * (np.float32(c[1]) + f * (np.float32(c[2]) + f * (
+        np.float32(c[3]) + f * (np.float32(c[4]) + f * (np.float32(c[5]) + f * (
+            np.float32(c[6]) + f * np.float32(c[7])))))))
     ef = np.float32(e)
-    res = ef * np.float32(_LN2_HI_32) + (np.float32(2.0) * s * p + ef * np.float32(_LN2_LO_32))
+    ff = f * f
+    res = ef * np.float32(_LN2_HI_32) + ((f - np.float32(0.5) * ff + ff * f * p)
+                                          + ef * np.float32(_LN2_LO_32))
     res = np.float32(-np.inf) if x == np.float32(0.0) else res
     res = np.float32(np.nan) if x < np.float32(0.0) else res
     res = x if x == np.float32(np.inf) else res
