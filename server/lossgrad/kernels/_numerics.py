@@ -116,6 +116,20 @@ def _bitcast(to_int: bool, width: int) -> Any:
     return intrinsic(typer)
 
 
+@intrinsic
+def maxnum(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """max(a, b) as LLVM's ``maxnum``: NaN loses to a number. Unlike a compare-and-select,
+    a running maxnum vectorises without fast-math flags."""
+    if isinstance(a, nt.Float) and a == b:
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            ty = args[0].type
+            fnty = ir.FunctionType(ty, [ty, ty])
+            fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], fnty)
+            return builder.call(fn, args)
+        return a(a, b), codegen
+    return None
+
+
 f32_bits = _bitcast(True, 32)
 bits_f32 = _bitcast(False, 32)
 f64_bits = _bitcast(True, 64)
@@ -138,15 +152,35 @@ _ROUND_64 = 6755399441055744.0  # 1.5 * 2^52: x + this - this rounds x to an int
 _ROUND_32 = 12582912.0  # 1.5 * 2^23
 
 
-def _exp64(x):  # type: ignore[no-untyped-def]
-    xc = -708.5 if x < -708.5 else x
-    xc = 709.8 if xc > 709.8 else xc
+def _exp64_reduced(xc):  # type: ignore[no-untyped-def]
+    """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (Taylor to r^13: < 1 ulp)."""
     kf = (xc * _LOG2E + _ROUND_64) - _ROUND_64
     r = xc - kf * _LN2_HI_64 - kf * _LN2_LO_64
     p = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (
         1.0 / 120 + r * (1.0 / 720 + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (
             1.0 / 362880 + r * (1.0 / 3628800 + r * (1.0 / 39916800 + r * (
                 1.0 / 479001600 + r * (1.0 / 6227020800)))))))))))))
+    return p, kf
+
+
+def _exp32_reduced(xc):  # type: ignore[no-untyped-def]
+    """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (Taylor to r^7: < 1 ulp)."""
+    kf = (xc * np.float32(_LOG2E) + np.float32(_ROUND_32)) - np.float32(_ROUND_32)
+    r = xc - kf * np.float32(_LN2_HI_32) - kf * np.float32(_LN2_LO_32)
+    p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
+        np.float32(1.0 / 6) + r * (np.float32(1.0 / 24) + r * (np.float32(1.0 / 120) + r * (
+            np.float32(1.0 / 720) + r * np.float32(1.0 / 5040)))))))
+    return p, kf
+
+
+_exp64_red = numba.njit(error_model="numpy")(_exp64_reduced)
+_exp32_red = numba.njit(error_model="numpy")(_exp32_reduced)
+
+
+def _exp64(x):  # type: ignore[no-untyped-def]
+    xc = -708.5 if x < -708.5 else x
+    xc = 709.8 if xc > 709.8 else xc
+    p, kf = _exp64_red(xc)
     top = kf > 1023.0  # 2^1024 is not a float64: scale by 2^1023, then by 2
     kf = kf - 1.0 if top else kf
     res = p * bits_f64(f64_bits(kf + (_ROUND_64 + 1023.0)) << 52)
@@ -159,17 +193,29 @@ def _exp64(x):  # type: ignore[no-untyped-def]
 def _exp32(x):  # type: ignore[no-untyped-def]
     xc = np.float32(-87.34) if x < np.float32(-87.34) else x
     xc = np.float32(88.73) if xc > np.float32(88.73) else xc
-    kf = (xc * np.float32(_LOG2E) + np.float32(_ROUND_32)) - np.float32(_ROUND_32)
-    r = xc - kf * np.float32(_LN2_HI_32) - kf * np.float32(_LN2_LO_32)
-    p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
-        np.float32(1.0 / 6) + r * (np.float32(1.0 / 24) + r * (np.float32(1.0 / 120) + r * (
-            np.float32(1.0 / 720) + r * np.float32(1.0 / 5040)))))))
+    p, kf = _exp32_red(xc)
     top = kf > np.float32(127.0)  # 2^128 is not a float32: scale by 2^127, then by 2
     kf = kf - np.float32(1.0) if top else kf
     res = p * bits_f32(f32_bits(kf + np.float32(_ROUND_32 + 127.0)) << 23)
     res = res * np.float32(2.0) if top else res
     res = np.float32(0.0) if x < np.float32(-87.33654) else res  # flushed below normal
     res = np.float32(np.inf) if x > np.float32(88.72284) else res
+    return x if x != x else res
+
+
+def _exp64_nonpositive(x):  # type: ignore[no-untyped-def]
+    xc = -708.5 if x < -708.5 else x
+    p, kf = _exp64_red(xc)
+    res = p * bits_f64(f64_bits(kf + (_ROUND_64 + 1023.0)) << 52)
+    res = 0.0 if x < -708.3964185322641 else res
+    return x if x != x else res
+
+
+def _exp32_nonpositive(x):  # type: ignore[no-untyped-def]
+    xc = np.float32(-87.34) if x < np.float32(-87.34) else x
+    p, kf = _exp32_red(xc)
+    res = p * bits_f32(f32_bits(kf + np.float32(_ROUND_32 + 127.0)) << 23)
+    res = np.float32(0.0) if x < np.float32(-87.33654) else res
     return x if x != x else res
 
 
@@ -236,9 +282,19 @@ def flog(x: float) -> float:
     return math.log(x)
 
 
+def fexp_nonpositive(x: float) -> float:
+    """e^x for x <= 0 (softmax and softplus tails): fewer checks than ``fexp``."""
+    return math.exp(x)
+
+
 @overload(fexp)
 def _fexp(x):  # type: ignore[no-untyped-def]
     return _exp32 if x == nt.float32 else _exp64
+
+
+@overload(fexp_nonpositive)
+def _fexp_nonpositive(x):  # type: ignore[no-untyped-def]
+    return _exp32_nonpositive if x == nt.float32 else _exp64_nonpositive
 
 
 @overload(flog)

@@ -20,11 +20,12 @@ from ._numerics import (
     clog,
     f8,
     fconst,
-    fexp,
+    fexp_nonpositive,
     flog,
     i8,
     inline,
     kernel,
+    maxnum,
     poison,
     saturate,
     unit_poison,
@@ -79,7 +80,7 @@ def bce_logits(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
     t = _smooth(y, smoothing)
     one = fconst(x, 1.0)
     zero = fconst(x, 0.0)
-    e = fexp(-abs(x))
+    e = fexp_nonpositive(-abs(x))
     w = one + e
     r = one / w
     lg = flog(w) + (e - (w - one)) * r  # log1p(e), the rounding of 1 + e corrected
@@ -90,12 +91,12 @@ def bce_logits(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
     return loss, (one + (pos_weight - one) * t) * sig - pos_weight * t
 
 
-@numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
+@inline
 def _row_max(x):  # type: ignore[no-untyped-def]
-    """max of a row (vectorised; a row with NaN is caught by ``poison`` downstream)."""
+    """max of a row, vectorised; NaNs are skipped here and caught by ``poison`` after."""
     m = x[0]
     for k in range(1, x.size):
-        m = x[k] if x[k] > m else m
+        m = maxnum(m, x[k])
     return m
 
 
@@ -113,17 +114,15 @@ def softmax_row(x, e, strict):  # type: ignore[no-untyped-def]
         d = x[k] - m
         at_max = d == fconst(d, 0.0)
         ties += 1 if at_max else 0
-        ek = fconst(d, 0.0) if at_max else fexp(d)
+        ek = fconst(d, 0.0) if at_max else fexp_nonpositive(d)
         e[k] = ek + poison(x[k]) if strict else ek
     return m, block_sum(e) + (ties - 1)
 
 
 @inline
-def softmax_from_exps(e, x, m, s):  # type: ignore[no-untyped-def]
-    """Turn the exps of ``softmax_row`` into p_k = exp(x_k - m) / s, in place."""
-    inv = fconst(e, 1.0 / s)
-    for k in range(e.size):
-        e[k] = inv if x[k] == m else e[k] * inv
+def unnormalised(e, x, m, k):  # type: ignore[no-untyped-def]
+    """exp(x_k - m) from the exps of ``softmax_row`` (which hold 0 at the maxima)."""
+    return fconst(e, 1.0) if x[k] == m else e[k]
 
 
 @inline
@@ -141,11 +140,10 @@ def cce_logits_row(x, q, g, e, h, coef, smoothing, strict, want_grad):  # type: 
         h[k] = h[k] * (m - x[k])
     loss = block_sum(h) + total_q * np.log1p(s1)  # both parts >= 0
     if want_grad:
-        softmax_from_exps(e, x, m, 1.0 + s1)
-        a = fconst(x, coef * total_q)
+        a = fconst(x, coef * total_q / (1.0 + s1))
         cf = fconst(x, coef)
         for k in range(c):
-            g[k] = a * e[k] - cf * (keep * q[k] + spread)
+            g[k] = a * unnormalised(e, x, m, k) - cf * (keep * q[k] + spread)
     return loss
 
 
@@ -188,11 +186,14 @@ def sparse_logits_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ign
             h[k] = (fconst(x, cw[k]) if has_cw else fconst(x, 1.0)) * (m - x[k])
         loss += spread * (block_sum(h) + total_w * lse_m)
     if want_grad:
-        softmax_from_exps(e, x, m, 1.0 + s1)
-        a = fconst(x, coef * ((1.0 - smoothing) * wy + spread * total_w))
+        a = fconst(x, coef * ((1.0 - smoothing) * wy + spread * total_w) / (1.0 + s1))
         b = fconst(x, coef * spread)
-        for k in range(c):
-            g[k] = a * e[k] - b * (fconst(x, cw[k]) if has_cw else fconst(x, 1.0))
+        if has_cw:
+            for k in range(c):
+                g[k] = a * unnormalised(e, x, m, k) - b * fconst(x, cw[k])
+        else:
+            for k in range(c):
+                g[k] = a * unnormalised(e, x, m, k) - b
         g[yi] -= fconst(x, coef * (1.0 - smoothing) * wy)
     return loss
 
