@@ -162,3 +162,12 @@ def test_port_outside_the_range_is_a_usage_error(
 def test_create_server_rejects_a_port_outside_the_range() -> None:
     with pytest.raises(ValueError, match="port"):
         create_server("127.0.0.1", 99999, warm=False)
+
+
+def test_compile_fills_the_cache(tmp_path: Path) -> None:
+    """`lossgrad compile` writes the kernels into NUMBA_CACHE_DIR, where a server finds them."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "lossgrad", "compile"], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    assert str(tmp_path) in done.stdout
+    assert list(tmp_path.rglob("*.nbi")), "no numba cache index written"

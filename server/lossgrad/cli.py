@@ -1,4 +1,5 @@
-"""Command line: ``lossgrad serve`` runs the service, ``lossgrad losses`` prints the catalog."""
+"""Command line: ``lossgrad serve`` runs the service, ``lossgrad losses`` prints the catalog,
+``lossgrad compile`` fills numba's cache (run it once at install or image build)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "losses":
         sys.stdout.write(format_catalog(catalog.LOSSES))
         return 0
+    if args.command == "compile":
+        return _compile()
     raise AssertionError(args.command)
 
 
@@ -50,7 +53,21 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"largest request or response (env {_ENV_MAX_MESSAGE_BYTES}; "
                             "default %(default)s)")
     commands.add_parser("losses", help="print the loss catalog")
+    commands.add_parser(
+        "compile", help="compile every kernel into numba's cache and warm it",
+        description="Compile every kernel into numba's cache (NUMBA_CACHE_DIR moves it), so "
+                    "that servers started later are ready in about a second.")
     return parser
+
+
+def _compile() -> int:
+    import numba
+
+    from . import engine  # importing compiles (or loads) every kernel
+
+    engine.warmup()
+    print(f"lossgrad kernels are compiled and cached in {numba.config.CACHE_DIR}")
+    return 0
 
 
 def _int(text: str, low: int, high: int | None = None) -> int:
