@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -21,6 +23,33 @@ DEFAULT_MAX_WORKERS = 2 * (os.cpu_count() or 1)  # kernels release the GIL
 DEFAULT_GRACE_S = 5.0
 
 _log = logging.getLogger("lossgrad.server")
+
+
+# glibc returns every block above 128 KiB to the kernel on free, so each request's
+# tensors land on fresh pages and pay a page fault per 4 KiB (measured: 3x the latency
+# of a bare gRPC echo at 8 MB). Keeping freed memory for reuse removes that cost.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_FREED_BYTES = 1 << 30
+
+
+def tune_allocator() -> bool:
+    """Make glibc malloc reuse freed large blocks (up to 1 GiB) instead of unmapping them.
+
+    Environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ take precedence.
+    Returns False where there is no glibc.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return True
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED_BYTES)
+                and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
 
 
 def create_server(
@@ -43,6 +72,7 @@ def create_server(
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     if max_message_bytes < 1:
         raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
+    tune_allocator()
     if warm:
         engine.warmup()
     options = [
