@@ -302,13 +302,34 @@ def _flog(x):  # type: ignore[no-untyped-def]
     return _log32 if x == nt.float32 else _log64
 
 
-@inline
-def flog1p(u):  # type: ignore[no-untyped-def]
-    """log(1 + u) for u >= -1, accurate for small u (the rounding of 1 + u is corrected)."""
-    w = fconst(u, 1.0) + u
-    d = w - fconst(u, 1.0)
-    corrected = flog(w) + (u - d) / w
-    return u if d == fconst(u, 0.0) else (flog(w) if w == fconst(u, 0.0) else corrected)
+def _log1p_unit64(u):  # type: ignore[no-untyped-def]
+    w = 1.0 + u
+    d = w - 1.0
+    return u if d == 0.0 else flog(w) + (u - d) / w  # the rounding of 1 + u corrected
+
+
+def _log1p_unit32(u):  # type: ignore[no-untyped-def]
+    # f = u, or (1 + u) / 2 - 1 = (u - 1) / 2 above sqrt(2) - 1: both exact enough, and in
+    # the polynomial's range, so there is no division and no bit manipulation.
+    big = u > np.float32(_SQRT2 - 1.0)
+    f = (u - np.float32(1.0)) * np.float32(0.5) if big else u
+    c = _LOG1P_P32
+    p = np.float32(c[0]) + f * (np.float32(c[1]) + f * (np.float32(c[2]) + f * (
+        np.float32(c[3]) + f * (np.float32(c[4]) + f * (np.float32(c[5]) + f * (
+            np.float32(c[6]) + f * np.float32(c[7])))))))
+    ff = f * f
+    res = f - np.float32(0.5) * ff + ff * f * p
+    return res + np.float32(_LN2_HI_32 + _LN2_LO_32) if big else res
+
+
+def flog1p_unit(u: float) -> float:
+    """log(1 + u) for u in [0, 1] (softplus tails), accurate for small u."""
+    return math.log1p(u)
+
+
+@overload(flog1p_unit)
+def _flog1p_unit(u):  # type: ignore[no-untyped-def]
+    return _log1p_unit32 if u == nt.float32 else _log1p_unit64
 
 
 @inline

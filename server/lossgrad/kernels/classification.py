@@ -21,7 +21,7 @@ from ._numerics import (
     f8,
     fconst,
     fexp_nonpositive,
-    flog,
+    flog1p_unit,
     i8,
     inline,
     kernel,
@@ -81,9 +81,8 @@ def bce_logits(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
     one = fconst(x, 1.0)
     zero = fconst(x, 0.0)
     e = fexp_nonpositive(-abs(x))
-    w = one + e
-    r = one / w
-    lg = flog(w) + (e - (w - one)) * r  # log1p(e), the rounding of 1 + e corrected
+    r = one / (one + e)
+    lg = flog1p_unit(e)
     sp_pos = max(x, zero) + lg  # softplus(x)
     sp_neg = max(-x, zero) + lg  # softplus(-x)
     sig = (one if x >= zero else e) * r
