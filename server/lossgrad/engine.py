@@ -1,13 +1,11 @@
-"""The in-process engine: look up the loss, validate, call the kernel, reduce.
+"""The in-process engine: validate the request, call the kernel, reduce.
 
 ``compute`` is the one code path; the gRPC servicer only converts messages and calls it.
-Data flows once: inputs are viewed (never copied when already float32/float64, C order),
-checked in one pass each, and the kernel writes the gradient once.
+The kernel reads each input once and writes the gradient once.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,39 +14,14 @@ from typing import Any
 import numpy as np
 
 from . import catalog
-from .catalog import Layout, LossSpec, ParamType
-from .errors import (
-    EMPTY_BATCH,
-    INVALID_LABELS,
-    LABEL_OUT_OF_RANGE,
-    NONFINITE_INPUT,
-    PARAMETER_OUT_OF_RANGE,
-    SHAPE_MISMATCH,
-    UNKNOWN_PARAMETER,
-    UNKNOWN_REDUCTION,
-    UNSUPPORTED_DTYPE,
-    VALUE_OUT_OF_RANGE,
-    InvalidArgumentError,
-)
+from .catalog import Layout, LossSpec
+from .errors import INVALID_LABELS, InvalidArgumentError
 from .kernels import _numerics as nm
 from .kernels import drivers
-from .kernels.classification import (
-    SPARSE_LOGITS,
-    SPARSE_PROBS,
-    label_stats,
-    signed_label_mode,
-)
+from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
+from .request import FLOAT_DTYPES, Batch, Reduction, check_nonfinite_total, prepare
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-_EMPTY_F8 = np.empty(0, dtype=np.float64)
-_NO_IGNORE = np.iinfo(np.int64).min
-
-
-class Reduction(enum.Enum):
-    NONE = "none"
-    SUM = "sum"
-    MEAN = "mean"
+__all__ = ["Reduction", "Result", "compute", "warmup"]
 
 
 @dataclass(frozen=True)
@@ -68,21 +41,6 @@ class Result:
     weight_sum: float
 
 
-@dataclass
-class _Batch:
-    """A validated request, in the flat views the kernels take."""
-
-    spec: LossSpec
-    params: dict[str, Any]
-    reduction: Reduction
-    x: np.ndarray  # predictions: 1-D (elementwise) or 2-D (rows)
-    t: np.ndarray  # targets: like x, or 1-D int64 class indices
-    w: np.ndarray  # per-position float64 weights, or empty
-    position_shape: tuple[int, ...]
-    weight_sum: float
-    counted: int
-    allow_nonfinite: bool
-
 
 def compute(
     loss: str,
@@ -101,18 +59,15 @@ def compute(
     ``lossgrad.catalog``). Inputs are anything ``numpy.asarray`` takes. Raises
     ``InvalidArgumentError`` naming the field and the reason for bad input.
     """
-    spec = catalog.lookup(loss)
-    values = _resolve_params(spec, loss, params)
-    red = _reduction(reduction)
-    x = _predictions(predictions, spec)
-    batch = _prepare(spec, values, red, x, targets, sample_weight, allow_nonfinite)
-    return _RUNNERS[spec.name](batch, x, gradient)
+    batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
+                    params)
+    return _RUNNERS[batch.spec.name](batch, gradient)
 
 
 def warmup() -> None:
     """Run every loss once per dtype so that every kernel is compiled (or loaded from
     the numba cache) and ready before the service reports SERVING."""
-    for dtype in _FLOAT_DTYPES:
+    for dtype in FLOAT_DTYPES:
         for spec in catalog.LOSSES:
             x, t = _warmup_inputs(spec, dtype)
             for red in Reduction:
@@ -120,258 +75,15 @@ def warmup() -> None:
                     compute(spec.name, x, t, reduction=red, gradient=grad)
 
 
-# --- parameters and options ----------------------------------------------------------
-
-def _resolve_params(spec: LossSpec, name: str, given: dict[str, Any]) -> dict[str, Any]:
-    preset = spec.alias_presets.get(name, {})
-    values: dict[str, Any] = {p.name: p.default for p in spec.params}
-    values.update(preset)
-    for key, value in given.items():
-        field = f"params.{key}"
-        p = spec.param(key)
-        if p is None:
-            accepted = ", ".join(q.name for q in spec.params) or "none"
-            raise InvalidArgumentError(
-                field, f"not a parameter of loss {name!r} (its parameters: {accepted})",
-                UNKNOWN_PARAMETER)
-        if value is None:
-            continue
-        value = _coerce_param(p, field, value)
-        if key in preset and value != preset[key]:
-            raise InvalidArgumentError(
-                field, f"{name!r} means {key}={preset[key]}; use {spec.name!r} for {key}={value}",
-                PARAMETER_OUT_OF_RANGE)
-        values[key] = value
-    return values
-
-
-def _coerce_param(p: catalog.ParamSpec, field: str, value: Any) -> Any:
-    if p.type is ParamType.BOOL:
-        if not isinstance(value, (bool, np.bool_)):
-            raise InvalidArgumentError(field, f"must be a bool, got {value!r}",
-                                       PARAMETER_OUT_OF_RANGE)
-        return bool(value)
-    if p.type is ParamType.INT64:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise InvalidArgumentError(field, f"must be an integer, got {value!r}",
-                                       PARAMETER_OUT_OF_RANGE)
-        return int(value)
-    if p.type is ParamType.DOUBLE_LIST:
-        arr = np.asarray(value, dtype=np.float64)
-        if arr.ndim != 1:
-            raise InvalidArgumentError(field, "must be a list of numbers", PARAMETER_OUT_OF_RANGE)
-        for k, v in enumerate(arr.tolist()):
-            _check_range(p, f"{field}[{k}]", v)
-        return np.ascontiguousarray(arr)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(field, f"must be a number, got {value!r}",
-                                   PARAMETER_OUT_OF_RANGE) from None
-    _check_range(p, field, number)
-    return number
-
-
-def _check_range(p: catalog.ParamSpec, field: str, v: float) -> None:
-    low_ok = p.minimum is None or v > p.minimum or (p.minimum_inclusive and v == p.minimum)
-    high_ok = p.maximum is None or v < p.maximum or (p.maximum_inclusive and v == p.maximum)
-    if math.isfinite(v) and low_ok and high_ok:
-        return
-    lo = "(-inf" if p.minimum is None else ("[" if p.minimum_inclusive else "(") + f"{p.minimum:g}"
-    hi = "inf)" if p.maximum is None else f"{p.maximum:g}" + ("]" if p.maximum_inclusive else ")")
-    raise InvalidArgumentError(field, f"{v!r} is outside {lo}, {hi}", PARAMETER_OUT_OF_RANGE)
-
-
-def _reduction(value: Reduction | str) -> Reduction:
-    if isinstance(value, Reduction):
-        return value
-    try:
-        return Reduction(str(value).lower())
-    except ValueError:
-        raise InvalidArgumentError(
-            "reduction", f"unknown reduction {value!r}; use none, sum or mean",
-            UNKNOWN_REDUCTION) from None
-
-
-# --- tensors -----------------------------------------------------------------------
-
-def _array(value: Any, field: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(field, f"not an array: {exc}", UNSUPPORTED_DTYPE) from None
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    if not arr.flags.c_contiguous:
-        arr = np.array(arr, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
-    return arr
-
-
-def _check_shape_nonempty(arr: np.ndarray, field: str, min_ndim: int) -> None:
-    if arr.ndim < min_ndim:
-        raise InvalidArgumentError(
-            f"{field}.shape", f"needs at least {min_ndim} dimension(s), got shape {arr.shape}",
-            SHAPE_MISMATCH)
-    for axis, size in enumerate(arr.shape):
-        if size == 0:
-            raise InvalidArgumentError(
-                f"{field}.shape[{axis}]", f"is 0: empty input (shape {arr.shape})", EMPTY_BATCH)
-
-
-def _predictions(value: Any, spec: LossSpec) -> np.ndarray:
-    x = _array(value, "predictions")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise InvalidArgumentError(
-            "predictions.dtype", f"{x.dtype} is not supported; use float32 or float64",
-            UNSUPPORTED_DTYPE)
-    _check_shape_nonempty(x, "predictions", 1 if spec.layout is Layout.ELEMENTWISE else 2)
-    return x
-
-
-def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarray,
-             targets: Any, sample_weight: Any, allow_nonfinite: bool) -> _Batch:
-    t = _array(targets, "targets")
-    if spec.layout is Layout.SPARSE_ROWS:
-        position_shape = x.shape[:-1]
-        if t.dtype not in _INDEX_DTYPES:
-            raise InvalidArgumentError(
-                "targets.dtype", f"{t.dtype} is not supported; class indices are int32 or int64",
-                UNSUPPORTED_DTYPE)
-        _expect_shape(t, position_shape, "targets", "predictions' shape without the class axis")
-        t = t.astype(np.int64, copy=False)
-    else:
-        position_shape = x.shape if spec.layout is Layout.ELEMENTWISE else x.shape[:-1]
-        _expect_shape(t, x.shape, "targets", "the predictions' shape")
-        if t.dtype != x.dtype:
-            if t.dtype.kind not in "fiu":
-                raise InvalidArgumentError(
-                    "targets.dtype", f"{t.dtype} is not supported; use float32 or float64",
-                    UNSUPPORTED_DTYPE)
-            t = t.astype(x.dtype)  # one conversion to the predictions' type
-    w = _sample_weight(sample_weight, x, position_shape)
-    if spec.layout is Layout.ELEMENTWISE:
-        x2, t2 = x.reshape(-1), t.reshape(-1)
-    else:
-        c = x.shape[-1]
-        x2 = x.reshape(-1, c)
-        t2 = t.reshape(-1) if spec.layout is Layout.SPARSE_ROWS else t.reshape(-1, c)
-    positions = math.prod(position_shape)
-    if spec.layout is Layout.SPARSE_ROWS:
-        weight_sum, counted = _sparse_weights(params, t2, x.shape[-1], w)
-    elif w.size:
-        _, weight_sum, counted = nm.weight_stats(w)
-    else:
-        weight_sum, counted = float(positions), positions
-    return _Batch(spec, params, red, x2, t2, w, position_shape, weight_sum, counted,
-                  allow_nonfinite)
-
-
-def _expect_shape(arr: np.ndarray, shape: tuple[int, ...], field: str, what: str) -> None:
-    if arr.shape != shape:
-        raise InvalidArgumentError(
-            f"{field}.shape", f"{arr.shape} must equal {what} {shape}", SHAPE_MISMATCH)
-
-
-def _sample_weight(value: Any, x: np.ndarray, position_shape: tuple[int, ...]) -> np.ndarray:
-    if value is None:
-        return _EMPTY_F8
-    w = _array(value, "sample_weight")
-    if w.dtype.kind not in "fiu" or w.dtype.kind == "b":
-        raise InvalidArgumentError(
-            "sample_weight.dtype", f"{w.dtype} is not supported; use float32 or float64",
-            UNSUPPORTED_DTYPE)
-    batch = (x.shape[0],)
-    if w.shape == position_shape:
-        flat = w.reshape(-1)
-    elif w.shape == batch:
-        flat = w
-        inner = math.prod(position_shape[1:])
-        if inner > 1:
-            flat = np.repeat(w, inner)
-    else:
-        raise InvalidArgumentError(
-            "sample_weight.shape",
-            f"{w.shape} must be {batch} (batch axis) or the per-position shape {position_shape}",
-            SHAPE_MISMATCH)
-    flat = np.ascontiguousarray(flat, dtype=np.float64)
-    bad, _, _ = nm.weight_stats(flat)
-    if bad >= 0:
-        raise InvalidArgumentError(
-            f"sample_weight.data[{_source_index(bad, w.shape, position_shape)}]",
-            f"{flat[bad]!r}: weights must be finite and >= 0", VALUE_OUT_OF_RANGE)
-    return flat
-
-
-def _source_index(flat_index: int, given: tuple[int, ...], position_shape: tuple[int, ...]) -> int:
-    """Map an index into the expanded per-position weights back to the sent array."""
-    if given == position_shape or len(given) != 1:
-        return flat_index
-    return flat_index // max(1, math.prod(position_shape[1:]))
-
-
-def _first_nonfinite(arr: np.ndarray, field: str) -> None:
-    bad = nm.first_nonfinite(arr.reshape(-1))
-    if bad >= 0:
-        raise InvalidArgumentError(
-            f"{field}.data[{bad}]",
-            f"{arr.reshape(-1)[bad]!r} is not finite (set allow_nonfinite to accept NaN/Inf)",
-            NONFINITE_INPUT)
-
-
-def _first_outside_unit(arr: np.ndarray, field: str, what: str) -> None:
-    flat = arr.reshape(-1)
-    bad = nm.first_outside(flat, 0.0, 1.0)
-    if bad >= 0:
-        raise InvalidArgumentError(
-            f"{field}.data[{bad}]", f"{flat[bad]!r} is outside [0, 1] ({what} required)",
-            VALUE_OUT_OF_RANGE)
-
-
-def _check_nonfinite_total(batch: _Batch, total: float, x_unit: bool, t_unit: bool) -> None:
-    """Kernels poison the sum with NaN/Inf when an input is invalid, so valid requests pay
-    no extra pass. Only a non-finite sum looks for the first offending value; if there is
-    none (a genuine overflow, or NaN/Inf the request allowed) the result stands."""
-    if math.isfinite(total):
-        return
-    if not batch.allow_nonfinite:
-        _first_nonfinite(batch.x, "predictions")
-        if batch.t.dtype.kind == "f":
-            _first_nonfinite(batch.t, "targets")
-    if x_unit:
-        _first_outside_unit(batch.x, "predictions", "probabilities")
-    if t_unit:
-        _first_outside_unit(batch.t, "targets", "probabilities")
-
-
-def _sparse_weights(params: dict[str, Any], t: np.ndarray, c: int,
-                    w: np.ndarray) -> tuple[float, int]:
-    cw = params["class_weight"]
-    if cw is None:
-        cw = _EMPTY_F8
-    elif cw.size != c:
-        raise InvalidArgumentError(
-            "params.class_weight", f"has {cw.size} entries; predictions have {c} classes",
-            SHAPE_MISMATCH)
-    params["class_weight"] = cw
-    ignore = params["ignore_index"]
-    params["ignore_index"] = _NO_IGNORE if ignore is None else ignore
-    bad, total, counted = label_stats(t, c, params["ignore_index"], cw, w)
-    if bad >= 0:
-        raise InvalidArgumentError(
-            f"targets.data[{bad}]", f"class index {t[bad]} is outside [0, {c})",
-            LABEL_OUT_OF_RANGE)
-    return total, counted
-
-
 # --- running kernels ---------------------------------------------------------------
 
-def _scale(batch: _Batch) -> float:
+def _scale(batch: Batch) -> float:
     if batch.reduction is Reduction.MEAN:
         return 1.0 / batch.weight_sum if batch.weight_sum > 0 else 0.0
     return 1.0
 
 
-def _buffers(batch: _Batch, want_grad: bool) -> tuple[np.ndarray, np.ndarray]:
+def _buffers(batch: Batch, want_grad: bool) -> tuple[np.ndarray, np.ndarray]:
     """The outputs, each allocated once: per-position losses (NONE) and the gradient."""
     out = np.empty(batch.x.shape[0] if batch.reduction is Reduction.NONE else 0, batch.x.dtype)
     if want_grad:
@@ -381,11 +93,11 @@ def _buffers(batch: _Batch, want_grad: bool) -> tuple[np.ndarray, np.ndarray]:
     return out, grad
 
 
-def _parallel(batch: _Batch) -> bool:
+def _parallel(batch: Batch) -> bool:
     return bool(batch.x.size >= nm.PARALLEL_MIN)
 
 
-def _result(batch: _Batch, x: np.ndarray, total: float, out: np.ndarray,
+def _result(batch: Batch, total: float, out: np.ndarray,
             grad: np.ndarray | None) -> Result:
     if batch.reduction is Reduction.NONE:
         loss: float | np.ndarray = out.reshape(batch.position_shape)
@@ -395,46 +107,46 @@ def _result(batch: _Batch, x: np.ndarray, total: float, out: np.ndarray,
         loss = float(total) / batch.weight_sum if batch.weight_sum > 0 else 0.0
     return Result(
         loss=loss,
-        gradient=None if grad is None else grad.reshape(x.shape),
+        gradient=None if grad is None else grad.reshape(batch.shape),
         positions=math.prod(batch.position_shape),
         positions_counted=int(batch.counted),
         weight_sum=float(batch.weight_sum),
     )
 
 
-def _run_elementwise(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float = 0.0,
+def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
                      b: float = 0.0, x_unit: bool = False, t_unit: bool = False) -> Result:
     out, grad = _buffers(batch, want_grad)
     total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a, b,
                                 not batch.allow_nonfinite, _parallel(batch))
-    _check_nonfinite_total(batch, total, x_unit, t_unit)
-    return _result(batch, x, total, out, grad if want_grad else None)
+    check_nonfinite_total(batch, total, x_unit, t_unit)
+    return _result(batch, total, out, grad if want_grad else None)
 
 
-def _run_dense(batch: _Batch, x: np.ndarray, want_grad: bool, op: int, a: float,
+def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
                x_unit: bool) -> Result:
     out, grad = _buffers(batch, want_grad)
     total = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a,
                                not batch.allow_nonfinite, want_grad, _parallel(batch))
-    _check_nonfinite_total(batch, total, x_unit, True)
-    return _result(batch, x, total, out, grad if want_grad else None)
+    check_nonfinite_total(batch, total, x_unit, True)
+    return _result(batch, total, out, grad if want_grad else None)
 
 
-def _elementwise(op: int, *names: str) -> Callable[[_Batch, np.ndarray, bool], Result]:
-    def run(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
-        return _run_elementwise(batch, x, want_grad, op, *(batch.params[n] for n in names))
+def _elementwise(op: int, *names: str) -> Callable[[Batch, bool], Result]:
+    def run(batch: Batch, want_grad: bool) -> Result:
+        return _run_elementwise(batch, want_grad, op, *(batch.params[n] for n in names))
     return run
 
 
-def _rmse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
+def _rmse(batch: Batch, want_grad: bool) -> Result:
     """sqrt of mse under the same reduction; per position sqrt(w r^2) = sqrt(w) |r|."""
     if batch.reduction is Reduction.NONE:
         batch.w = np.sqrt(batch.w) if batch.w.size else batch.w
-        return _run_elementwise(batch, x, want_grad, drivers.MAE)
+        return _run_elementwise(batch, want_grad, drivers.MAE)
     out, grad = _buffers(batch, False)
     total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, 0.0, drivers.MSE, 0.0,
                                 0.0, not batch.allow_nonfinite, _parallel(batch))
-    _check_nonfinite_total(batch, total, False, False)
+    check_nonfinite_total(batch, total, False, False)
     divisor = batch.weight_sum if batch.reduction is Reduction.MEAN else 1.0
     rmse = math.sqrt(total / divisor) if divisor > 0 else 0.0
     if want_grad:
@@ -442,44 +154,44 @@ def _rmse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
         scale = 1.0 / (2.0 * rmse * divisor) if rmse > 0 else 0.0
         drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0,
                             not batch.allow_nonfinite, _parallel(batch))
-    return Result(rmse, grad.reshape(x.shape) if want_grad else None,
+    return Result(rmse, grad.reshape(batch.shape) if want_grad else None,
                   math.prod(batch.position_shape), batch.counted, batch.weight_sum)
 
 
-def _hinge(op: int) -> Callable[[_Batch, np.ndarray, bool], Result]:
-    def run(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
+def _hinge(op: int) -> Callable[[Batch, bool], Result]:
+    def run(batch: Batch, want_grad: bool) -> Result:
         mode, bad = signed_label_mode(batch.t)
         if mode < 0:
             raise InvalidArgumentError(
                 f"targets.data[{bad}]",
                 f"{batch.t[bad]!r}: hinge targets must be all in {{-1, 1}} or all in {{0, 1}}",
                 INVALID_LABELS)
-        return _run_elementwise(batch, x, want_grad, op, float(mode))
+        return _run_elementwise(batch, want_grad, op, float(mode))
     return run
 
 
-def _bce(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
+def _bce(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
     logits = p["from_logits"]
     pos_weight = 1.0 if p["pos_weight"] is None else p["pos_weight"]
-    return _run_elementwise(batch, x, want_grad, drivers.BCE_LOGITS if logits else drivers.BCE,
+    return _run_elementwise(batch, want_grad, drivers.BCE_LOGITS if logits else drivers.BCE,
                             pos_weight, p["label_smoothing"], x_unit=not logits, t_unit=True)
 
 
-def _cce(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
+def _cce(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
     logits = p["from_logits"]
-    return _run_dense(batch, x, want_grad, drivers.CCE_LOGITS if logits else drivers.CCE_PROBS,
+    return _run_dense(batch, want_grad, drivers.CCE_LOGITS if logits else drivers.CCE_PROBS,
                       p["label_smoothing"], x_unit=not logits)
 
 
-def _kl(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
+def _kl(batch: Batch, want_grad: bool) -> Result:
     log = batch.params["log_predictions"]
-    return _run_dense(batch, x, want_grad, drivers.KL_LOG if log else drivers.KL_PROBS, 0.0,
+    return _run_dense(batch, want_grad, drivers.KL_LOG if log else drivers.KL_PROBS, 0.0,
                       x_unit=not log)
 
 
-def _sparse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
+def _sparse(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
     logits = p["from_logits"]
     out, grad = _buffers(batch, want_grad)
@@ -487,11 +199,11 @@ def _sparse(batch: _Batch, x: np.ndarray, want_grad: bool) -> Result:
         batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
         p["ignore_index"], p["label_smoothing"], SPARSE_LOGITS if logits else SPARSE_PROBS,
         not batch.allow_nonfinite, want_grad, _parallel(batch))
-    _check_nonfinite_total(batch, total, not logits, False)
-    return _result(batch, x, total, out, grad if want_grad else None)
+    check_nonfinite_total(batch, total, not logits, False)
+    return _result(batch, total, out, grad if want_grad else None)
 
 
-_RUNNERS: dict[str, Callable[[_Batch, np.ndarray, bool], Result]] = {
+_RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {
     "mae": _elementwise(drivers.MAE),
     "mse": _elementwise(drivers.MSE),
     "rmse": _rmse,
