@@ -230,6 +230,40 @@ def test_missing_tensor(stub: pb_grpc.LossServiceStub, missing: str) -> None:
     assert_raw_invalid(raw_error(stub, message), missing, "MISSING_FIELD")
 
 
+# --- bytes that are not a message ------------------------------------------------------------
+
+def raw_bytes_error(server_address: str, data: bytes, method: str) -> grpc.RpcError:
+    """Send ``data`` as the request of ``method`` (no protobuf on this side)."""
+    with grpc.insecure_channel(server_address) as channel:
+        call = channel.unary_unary(f"/lossgrad.v1.LossService/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(data, timeout=30)
+    return info.value
+
+
+@pytest.mark.parametrize(("data", "where"), [
+    (request().SerializeToString()[:-3], "targets: length"),  # truncated
+    (b"\x0a\x01\xff", "loss: not valid UTF-8"),
+    (b"\x12\x03\x10\x80\x80", "predictions.shape: truncated varint"),
+    (b"\x28" + b"\x80" * 10 + b"\x01", "reduction: varint at byte 1 is longer than 10"),
+    (b"\x08\x05", "loss: wire type 0"),
+    (b"\x43\x44", "groups are not supported"),
+    (b"\x0a\xff\xff\xff\xff\x07mse", "loss: length 2147483647"),
+])
+@pytest.mark.parametrize("method", ["ComputeLoss", "ComputeGradient"])
+def test_malformed_bytes(server_address: str, data: bytes, where: str, method: str) -> None:
+    err = raw_bytes_error(server_address, data, method)
+    assert_raw_invalid(err, "request", "MALFORMED_REQUEST")
+    assert where in err.details()  # type: ignore[attr-defined]
+
+
+def test_random_bytes_are_invalid_argument(server_address: str) -> None:
+    rng = np.random.default_rng(19)
+    for size in (1, 7, 100, 10_000, 1_000_000):
+        err = raw_bytes_error(server_address, rng.bytes(size), "ComputeGradient")
+        assert err.code() is INVALID  # type: ignore[attr-defined]
+
+
 # --- shapes ------------------------------------------------------------------------------------
 
 def test_shape_mismatch(client: LossClient) -> None:

@@ -15,9 +15,11 @@ from ._convert import from_tensor, to_tensor
 from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
 from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
-from .errors import InvalidArgumentError, from_rpc_error
+from ._wire import ComputeRequest, ComputeResponse, WireError, parse_response, serialize_request
+from .errors import InternalError, InvalidArgumentError, from_rpc_error
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_SERVICE = "/lossgrad.v1.LossService/"
 
 _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
     "none": pb.REDUCTION_NONE,
@@ -67,6 +69,10 @@ class LossClient:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
         self._stub = pb_grpc.LossServiceStub(self._channel)
+        # The Compute* methods use the hand-written codec (see _wire): the request is
+        # built from the arrays with one copy, and results view the response bytes.
+        self._compute_loss = self._compute_method("ComputeLoss")
+        self._compute_gradient = self._compute_method("ComputeGradient")
 
     def __enter__(self: _Client) -> _Client:
         return self
@@ -108,11 +114,9 @@ class LossClient:
         ``class_weight=[...]``); None leaves one unset. With ``allow_nonfinite`` the
         server accepts NaN and Inf instead of rejecting them.
         """
-        request = pb.ComputeLossRequest()
-        _fill(request, loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
-              params)
-        response: pb.ComputeLossResponse = self._call(
-            self._stub.ComputeLoss, request, timeout)
+        request = _request(loss, predictions, targets, reduction, sample_weight,
+                           allow_nonfinite, params)
+        response = self._compute(self._compute_loss, request, timeout)
         return LossResult(
             loss=_loss_value(response, request.reduction),
             positions=response.positions,
@@ -138,11 +142,9 @@ class LossClient:
         returned value (of the sum of the per-position values for "none") and has the
         predictions' shape and dtype.
         """
-        request = pb.ComputeGradientRequest()
-        _fill(request, loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
-              params)
-        response: pb.ComputeGradientResponse = self._call(
-            self._stub.ComputeGradient, request, timeout)
+        request = _request(loss, predictions, targets, reduction, sample_weight,
+                           allow_nonfinite, params)
+        response = self._compute(self._compute_gradient, request, timeout)
         return GradientResult(
             loss=_loss_value(response, request.reduction),
             gradient=from_tensor(response.gradient, "gradient"),
@@ -157,6 +159,21 @@ class LossClient:
             self._stub.ListLosses, pb.ListLossesRequest(), timeout)
         return [_loss_info(info) for info in response.losses]
 
+    def _compute_method(self, name: str) -> Any:
+        # Bytes come back unparsed, so that a malformed response is an InternalError
+        # that says what is wrong (a deserializer that raises gives a bare RpcError).
+        return self._channel.unary_unary(_SERVICE + name, request_serializer=serialize_request,
+                                         _registered_method=True)
+
+    def _compute(self, method: Any, request: ComputeRequest,
+                 timeout: float | None) -> ComputeResponse:
+        data: bytes = self._call(method, request, timeout)
+        try:
+            return parse_response(data)
+        except WireError as err:
+            raise InternalError(f"malformed response from the server: {err}",
+                                field=err.field) from err
+
     def _call(
         self, method: Callable[..., _Response], request: Any, timeout: float | None
     ) -> _Response:
@@ -166,8 +183,7 @@ class LossClient:
             raise from_rpc_error(err) from err
 
 
-def _fill(
-    request: pb.ComputeLossRequest | pb.ComputeGradientRequest,
+def _request(
     loss: str,
     predictions: Any,
     targets: Any,
@@ -175,19 +191,25 @@ def _fill(
     sample_weight: Any,
     allow_nonfinite: bool,
     params: Mapping[str, Any],
-) -> None:
-    """Fill the fields that ComputeLossRequest and ComputeGradientRequest share."""
+) -> ComputeRequest:
+    """The fields that ComputeLossRequest and ComputeGradientRequest share; the tensors
+    view the arrays (the one copy is into the message)."""
     if not isinstance(loss, str):
         raise InvalidArgumentError(
             f"loss: expected a loss name, got {type(loss).__name__}", field="loss")
-    request.loss = loss
-    request.reduction = _reduction(reduction)
-    request.allow_nonfinite = bool(allow_nonfinite)
-    _set_params(request.params, params)
-    request.predictions.CopyFrom(to_tensor(predictions, "predictions"))
-    request.targets.CopyFrom(to_tensor(targets, "targets"))
-    if sample_weight is not None:
-        request.sample_weight.CopyFrom(to_tensor(sample_weight, "sample_weight"))
+    code = _reduction(reduction)
+    loss_params = pb.LossParams()
+    _set_params(loss_params, params)
+    return ComputeRequest(
+        loss=loss,
+        reduction=code,
+        allow_nonfinite=bool(allow_nonfinite),
+        params=loss_params if loss_params.ListFields() else None,
+        predictions=to_tensor(predictions, "predictions"),
+        targets=to_tensor(targets, "targets"),
+        sample_weight=None if sample_weight is None else to_tensor(sample_weight,
+                                                                   "sample_weight"),
+    )
 
 
 def _reduction(value: str) -> pb.Reduction.ValueType:
@@ -247,9 +269,7 @@ def _type_error(field: str, expected: str, value: object) -> InvalidArgumentErro
                                 reason="INVALID_ARGUMENT", field=field)
 
 
-def _loss_value(
-    response: pb.ComputeLossResponse | pb.ComputeGradientResponse, reduction: int
-) -> float | np.ndarray[Any, Any]:
+def _loss_value(response: ComputeResponse, reduction: int) -> float | np.ndarray[Any, Any]:
     if reduction == pb.REDUCTION_NONE:
         return from_tensor(response.losses, "losses")
     return float(response.loss)

@@ -1,8 +1,9 @@
-"""NumPy arrays to ``lossgrad.v1`` Tensor messages and back.
+"""NumPy arrays to ``lossgrad.v1`` tensors and back.
 
 Encoding takes anything ``np.asarray`` takes (arrays, nested lists, CPU torch tensors
-through ``__array__``) and writes one ``tobytes``. Decoding returns a read-only
-``np.frombuffer`` view of the message bytes.
+through ``__array__``) and wraps the array without copying it; its bytes are copied
+once, into the request message. Decoding returns a read-only ``np.frombuffer`` view of
+the response bytes.
 """
 
 from __future__ import annotations
@@ -13,20 +14,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from ._wire import LITTLE_ENDIAN, Tensor, data_type
 from .errors import InternalError, InvalidArgumentError
 
 UNSUPPORTED_DTYPE = "UNSUPPORTED_DTYPE"
 
-_WIRE: dict[str, tuple[pb.DataType.ValueType, np.dtype[Any]]] = {
-    "float32": (pb.DATA_TYPE_FLOAT32, np.dtype("<f4")),
-    "float64": (pb.DATA_TYPE_FLOAT64, np.dtype("<f8")),
-    "int32": (pb.DATA_TYPE_INT32, np.dtype("<i4")),
-    "int64": (pb.DATA_TYPE_INT64, np.dtype("<i8")),
-}
-_FROM_WIRE: dict[int, np.dtype[Any]] = {code: dtype for code, dtype in _WIRE.values()}
-# Integer types that int64 holds exactly (class indices or labels of a narrow type).
-_WIDEN_TO_INT64 = frozenset(("int8", "int16", "uint8", "uint16", "uint32"))
+# Integer types that int64 holds exactly (class indices or labels of a narrow type), by
+# (kind, itemsize): int8, int16, uint8, uint16, uint32.
+_WIDEN_TO_INT64 = frozenset((("i", 1), ("i", 2), ("u", 1), ("u", 2), ("u", 4)))
 
 
 def as_array(value: Any, field: str) -> npt.NDArray[Any]:
@@ -44,38 +39,38 @@ def as_array(value: Any, field: str) -> npt.NDArray[Any]:
         raise InvalidArgumentError(
             f"{field}: cannot convert {type(value).__name__} to an array: {err}",
             reason=UNSUPPORTED_DTYPE, field=field) from err
-    name = array.dtype.name
-    if name in _WIDEN_TO_INT64 or (
-        name == "int32" and isinstance(value, (list, tuple, int))  # platform default int
+    kind = (array.dtype.kind, array.dtype.itemsize)
+    if kind in _WIDEN_TO_INT64 or (
+        kind == ("i", 4) and isinstance(value, (list, tuple, int))  # platform default int
     ):
         array = array.astype(np.int64)
-    elif name not in _WIRE:
+    code = data_type(array.dtype)
+    if code is None:
         raise InvalidArgumentError(
             f"{field}.dtype: unsupported dtype {array.dtype}; use float32 or float64 "
             "(int32 or int64 for class indices and labels)",
             reason=UNSUPPORTED_DTYPE, field=f"{field}.dtype")
-    return array.astype(_WIRE[array.dtype.name][1], copy=False)
+    return array.astype(LITTLE_ENDIAN[code], copy=False)
 
 
-def to_tensor(value: Any, field: str) -> pb.Tensor:
-    """Encode ``value`` (see :func:`as_array`) as a Tensor message."""
-    array = as_array(value, field)
-    return pb.Tensor(
-        dtype=_WIRE[array.dtype.name][0],
-        shape=array.shape,
-        data=array.tobytes(order="C"),
-    )
+def to_tensor(value: Any, field: str) -> Tensor:
+    """Encode ``value`` (see :func:`as_array`) as a tensor that views the array's bytes."""
+    return Tensor.of(as_array(value, field))
 
 
-def from_tensor(tensor: pb.Tensor, field: str) -> npt.NDArray[Any]:
-    """Decode a Tensor message as a read-only array viewing its bytes."""
-    dtype = _FROM_WIRE.get(tensor.dtype)
-    shape = tuple(int(d) for d in tensor.shape)
-    data = tensor.data
-    if dtype is None or min(shape, default=0) < 0 or (
-        len(data) != math.prod(shape) * dtype.itemsize
-    ):
+def from_tensor(tensor: Tensor | None, field: str) -> npt.NDArray[Any]:
+    """Decode a response tensor as a read-only array viewing the response bytes."""
+    if tensor is None:
+        tensor = Tensor(0, (), b"")  # what a generated message reads for a field not set
+    dtype = LITTLE_ENDIAN.get(tensor.dtype)
+    shape = tensor.shape
+    size = memoryview(tensor.data).nbytes
+    if dtype is None or min(shape, default=0) < 0 or size != math.prod(shape) * dtype.itemsize:
         raise InternalError(
             f"malformed {field} tensor in the response: dtype {tensor.dtype}, shape "
-            f"{list(shape)}, {len(data)} bytes", field=field)
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+            f"{list(shape)}, {size} bytes", field=field)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError as err:  # a zero-sized shape too large for NumPy
+        raise InternalError(f"malformed {field} tensor in the response: {err}",
+                            field=field) from None

@@ -1,16 +1,21 @@
-"""The LossService servicer: convert the request, call the engine, convert the result."""
+"""The LossService servicer: convert the request, call the engine, convert the result.
+
+ComputeLoss and ComputeGradient read and write their messages with the client
+package's hand-written codec (:mod:`lossgrad_client._wire`: no copy of the request's
+tensors, one copy of the response's); ListLosses uses the generated classes.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import grpc
 import numpy as np
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
-from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
+from lossgrad_client._wire import ComputeRequest, ComputeResponse, WireError, serialize_response
 
 from . import catalog, engine, wire
 from .status import abort
+
+SERVICE_NAME = "lossgrad.v1.LossService"
 
 _KINDS = {kind: pb.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in catalog.InputKind}
 _PARAM_TYPES = {t: pb.ParamType.Value(f"PARAM_TYPE_{t.name}") for t in catalog.ParamType}
@@ -18,31 +23,31 @@ _DTYPES = {name: wire.data_type(np.dtype(name)) for name in ("float32", "float64
                                                               "int64")}
 
 
-class LossService(pb_grpc.LossServiceServicer):
-    """Thin servicer over :func:`lossgrad.engine.compute` and :data:`lossgrad.catalog.LOSSES`."""
+class LossService:
+    """Thin servicer over :func:`lossgrad.engine.compute` and :data:`lossgrad.catalog.LOSSES`.
+
+    Register it with :func:`method_handlers`: the Compute* methods take the codec's
+    parsed requests (or the WireError of a malformed one), not generated messages.
+    """
 
     def __init__(self) -> None:
         self._catalog = list_losses_response(catalog.LOSSES)
 
     def ComputeLoss(
-        self, request: pb.ComputeLossRequest, context: grpc.ServicerContext
-    ) -> pb.ComputeLossResponse:
-        response = pb.ComputeLossResponse()
+        self, request: ComputeRequest | WireError, context: grpc.ServicerContext
+    ) -> ComputeResponse:
         try:
-            _compute(request, response, gradient=False)
+            return _compute(wire.parsed(request), gradient=False)
         except Exception as err:
             abort(context, err, "ComputeLoss")
-        return response
 
     def ComputeGradient(
-        self, request: pb.ComputeGradientRequest, context: grpc.ServicerContext
-    ) -> pb.ComputeGradientResponse:
-        response = pb.ComputeGradientResponse()
+        self, request: ComputeRequest | WireError, context: grpc.ServicerContext
+    ) -> ComputeResponse:
         try:
-            _compute(request, response, gradient=True)
+            return _compute(wire.parsed(request), gradient=True)
         except Exception as err:
             abort(context, err, "ComputeGradient")
-        return response
 
     def ListLosses(
         self, request: pb.ListLossesRequest, context: grpc.ServicerContext
@@ -50,29 +55,44 @@ class LossService(pb_grpc.LossServiceServicer):
         return self._catalog  # built once; never mutated, so safe to share between calls
 
 
-def _compute(request: Any, response: Any, *, gradient: bool) -> None:
-    """Run one Compute* request into ``response`` (the two RPCs differ only in ``gradient``)."""
+def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
+    """The RPC method handlers of ``service``, by method name."""
+    return {
+        "ComputeLoss": grpc.unary_unary_rpc_method_handler(
+            service.ComputeLoss, request_deserializer=wire.deserialize_request,
+            response_serializer=serialize_response),
+        "ComputeGradient": grpc.unary_unary_rpc_method_handler(
+            service.ComputeGradient, request_deserializer=wire.deserialize_request,
+            response_serializer=serialize_response),
+        "ListLosses": grpc.unary_unary_rpc_method_handler(
+            service.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
+            response_serializer=pb.ListLossesResponse.SerializeToString),
+    }
+
+
+def _compute(request: ComputeRequest, *, gradient: bool) -> ComputeResponse:
+    """Run one Compute* request (the two RPCs differ only in ``gradient``)."""
     result = engine.compute(
         request.loss,
-        wire.decode_required(request, "predictions"),
-        wire.decode_required(request, "targets"),
+        wire.decode_required(request.predictions, "predictions"),
+        wire.decode_required(request.targets, "targets"),
         reduction=wire.decode_reduction(request.reduction),
-        sample_weight=wire.decode_optional(request, "sample_weight"),
+        sample_weight=wire.decode_optional(request.sample_weight, "sample_weight"),
         gradient=gradient,
         allow_nonfinite=request.allow_nonfinite,
-        **wire.decode_params(request),
+        **wire.decode_params(request.params),
     )
-    if isinstance(result.loss, np.ndarray):
-        wire.encode_tensor(result.loss, response.losses)
-    else:
-        response.loss = float(result.loss)
-    response.positions = int(result.positions)
-    response.positions_counted = int(result.positions_counted)
-    response.weight_sum = float(result.weight_sum)
-    if gradient:
-        if result.gradient is None:
-            raise RuntimeError("engine returned no gradient")
-        wire.encode_tensor(result.gradient, response.gradient)
+    if gradient and result.gradient is None:
+        raise RuntimeError("engine returned no gradient")
+    per_position = isinstance(result.loss, np.ndarray)
+    return ComputeResponse(
+        loss=0.0 if per_position else float(result.loss),
+        losses=wire.encode_tensor(result.loss) if per_position else None,
+        positions=int(result.positions),
+        positions_counted=int(result.positions_counted),
+        weight_sum=float(result.weight_sum),
+        gradient=wire.encode_tensor(result.gradient) if gradient else None,
+    )
 
 
 def list_losses_response(losses: tuple[catalog.LossSpec, ...]) -> pb.ListLossesResponse:

@@ -1,9 +1,13 @@
 """Wire conversion: ``lossgrad.v1`` messages to engine arguments and back.
 
-Decoding validates only what the wire format itself promises (a known dtype,
-non-negative dimensions, ``prod(shape) * itemsize`` bytes); what a value means for a
-loss is the engine's business. Arrays are views of the request bytes (read-only, no
-copy); encoding writes each array with one ``tobytes``.
+The Compute* messages go through the hand-written codec of the client package
+(``lossgrad_client._wire``): the request is parsed without copying its tensors, and
+the response is serialized with one copy of each array. Decoding validates only what
+the wire format itself promises (a known dtype, non-negative dimensions,
+``prod(shape) * itemsize`` bytes); what a value means for a loss is the engine's
+business. Arrays are read-only views of the request bytes; a tensor whose bytes sit at
+an offset that is not a multiple of its item size is copied once, so that the kernels
+always see aligned arrays.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import math
 from typing import Any
 
 import numpy as np
+from lossgrad_client import _wire
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
 from .engine import Reduction
 from .errors import (
     BYTE_SIZE_MISMATCH,
+    MALFORMED_REQUEST,
     MISSING_FIELD,
     NEGATIVE_DIMENSION,
     UNKNOWN_REDUCTION,
@@ -58,7 +64,25 @@ def data_type(dtype: np.dtype[Any]) -> int:
         raise ValueError(f"no wire DataType for dtype {dtype}") from None
 
 
-def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
+def deserialize_request(data: bytes) -> _wire.ComputeRequest | _wire.WireError:
+    """The gRPC request deserializer of ComputeLoss and ComputeGradient. Never raises: a
+    deserializer that raises ends the call with a bare INTERNAL, so a malformed message
+    is returned as its WireError, and :func:`parsed` reports it as INVALID_ARGUMENT."""
+    try:
+        return _wire.parse_request(data)
+    except _wire.WireError as err:
+        return err
+
+
+def parsed(request: _wire.ComputeRequest | _wire.WireError) -> _wire.ComputeRequest:
+    """Return the parsed request, or raise MALFORMED_REQUEST for bytes that were not one."""
+    if isinstance(request, _wire.WireError):
+        raise InvalidArgumentError(
+            "request", f"not a valid protobuf message: {request}", MALFORMED_REQUEST)
+    return request
+
+
+def decode_tensor(tensor: _wire.Tensor, field: str) -> np.ndarray:
     """Return a read-only array that views ``tensor.data``; validate dtype, shape and size."""
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
@@ -67,7 +91,7 @@ def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
         raise InvalidArgumentError(
             f"{field}.dtype", f"unsupported dtype {shown}; expected one of "
             + ", ".join(pb.DataType.Name(code) for code in _DTYPES), UNSUPPORTED_DTYPE)
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tensor.shape
     for axis, dim in enumerate(shape):
         if dim < 0:
             raise InvalidArgumentError(
@@ -77,38 +101,37 @@ def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
             f"{field}.shape", f"{len(shape)} dimensions; at most {_MAX_NDIM} are supported")
     # Python ints: a huge declared shape is rejected before anything is allocated.
     expected = math.prod(shape) * dtype.itemsize
-    data = tensor.data
-    if len(data) != expected:
+    data = memoryview(tensor.data)
+    if data.nbytes != expected:
         raise InvalidArgumentError(
             f"{field}.data",
-            f"{len(data)} bytes, but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
+            f"{data.nbytes} bytes, but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
             f"needs {expected}", BYTE_SIZE_MISMATCH)
     if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_NBYTES:
         raise InvalidArgumentError(f"{field}.shape", f"shape {list(shape)} is too large")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if not array.flags.aligned:
+        array = array.copy()
+        array.flags.writeable = False
+    return array
 
 
-def decode_required(message: Any, name: str) -> np.ndarray:
+def decode_required(tensor: _wire.Tensor | None, name: str) -> np.ndarray:
     """Decode the tensor field ``name`` of a request; MISSING_FIELD when it is not set."""
-    if not message.HasField(name):
+    if tensor is None:
         raise InvalidArgumentError(name, "required tensor is not set", MISSING_FIELD)
-    return decode_tensor(getattr(message, name), name)
+    return decode_tensor(tensor, name)
 
 
-def decode_optional(message: Any, name: str) -> np.ndarray | None:
+def decode_optional(tensor: _wire.Tensor | None, name: str) -> np.ndarray | None:
     """Decode the tensor field ``name`` of a request, or return None when it is not set."""
-    if not message.HasField(name):
-        return None
-    return decode_tensor(getattr(message, name), name)
+    return None if tensor is None else decode_tensor(tensor, name)
 
 
-def encode_tensor(array: np.ndarray, out: pb.Tensor) -> None:
-    """Fill ``out`` from ``array``: little-endian C-order bytes, one ``tobytes``."""
-    code = data_type(array.dtype)
-    little = array.astype(_DTYPES[code], copy=False)  # no copy unless big-endian
-    out.dtype = code  # type: ignore[assignment]
-    out.shape[:] = little.shape
-    out.data = little.tobytes(order="C")
+def encode_tensor(array: np.ndarray) -> _wire.Tensor:
+    """A response tensor that wraps ``array`` (no copy unless it is big-endian or strided);
+    its bytes are copied once, when the response is serialized."""
+    return _wire.Tensor.of(array)
 
 
 def decode_reduction(value: int) -> Reduction:
@@ -120,11 +143,10 @@ def decode_reduction(value: int) -> Reduction:
             "reduction", f"unknown reduction value {value}", UNKNOWN_REDUCTION) from None
 
 
-def decode_params(message: Any) -> dict[str, Any]:
+def decode_params(params: pb.LossParams | None) -> dict[str, Any]:
     """Return the LossParams fields that are set, by name; unset fields are left out."""
-    if not message.HasField("params"):
+    if params is None:
         return {}
-    params: pb.LossParams = message.params
     out: dict[str, Any] = {
         name: getattr(params, name) for name in _SCALAR_PARAMS if params.HasField(name)
     }
