@@ -1,0 +1,254 @@
+"""Sections 3-5: the service end to end, concurrent requests, and server peak memory.
+
+Runs as a child of ``bench/run.py`` so that the client process (this one) and the
+servers it starts share one environment, e.g. the glibc malloc variables:
+
+    python bench/service_bench.py --section e2e [--quick] --out RESULT.json
+
+writes ``{"markdown": ..., "problems": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import lossgrad
+import numpy as np
+from cases import Case, inputs, mse, request_bytes, sparse_ce
+from echo_server import METHOD as ECHO_METHOD
+from lossgrad_client import LossClient
+from measure import Timing, fmt_ms, fmt_ratio, repeat, table
+from servers import MAX_MESSAGE_BYTES, ServerProcess, echo_command, lossgrad_command, max_workers
+
+CALL_TIMEOUT_S = 120.0
+SEQUENTIAL_CALLS = 3  # memory burst: calls one after the other,
+CONCURRENT_ROUNDS = 1  # then rounds of two at once
+MB = 1e6
+
+
+def _client(address: str) -> LossClient:
+    # A channel of its own (own TCP connection), not one shared through the global pool.
+    return LossClient(address, timeout=CALL_TIMEOUT_S,
+                      options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _call(client: LossClient, case: Case, x: np.ndarray, y: np.ndarray) -> Any:
+    return client.compute_gradient(case.loss, x, y, **case.params)
+
+
+def _same_as_in_process(result: Any, case: Case, x: np.ndarray, y: np.ndarray) -> bool:
+    local = lossgrad.compute(case.loss, x, y, **case.params)
+    assert local.gradient is not None
+    return bool(float(result.loss) == float(local.loss)
+                and result.gradient.tobytes() == local.gradient.tobytes())
+
+
+# --- section 3: end to end against an echo ---------------------------------------------
+
+def e2e(quick: bool, untuned: bool) -> tuple[str, list[str]]:
+    sizes = [10**3, 10**5, 10**6] + ([] if quick else [16_000_000])
+    per_method_s = 1.0 if quick else 3.0
+    max_calls = 300 if quick else 2000
+    workers = max_workers()
+    rows, problems = [], []
+    with ServerProcess(lossgrad_command(workers, untuned)) as lg_server, \
+            ServerProcess(echo_command(workers)) as echo_server, \
+            _client(lg_server.address) as client:
+        channel = grpc.insecure_channel(echo_server.address, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        try:
+            echo = channel.unary_unary(ECHO_METHOD)  # no serializers: bytes in, bytes out
+            for n in sizes:
+                case = mse(n)
+                x, y = inputs(case)
+                payload = x.tobytes() + y.tobytes()
+                same = _same_as_in_process(_call(client, case, x, y), case, x, y)
+                if not same:
+                    problems.append(f"e2e mse {case.size_label}: result differs from in-process")
+                if echo(payload, timeout=CALL_TIMEOUT_S) != payload:
+                    raise RuntimeError("echo server changed the payload")
+                local = repeat(lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b),
+                               budget_s=per_method_s / 4, min_reps=3, max_reps=max_calls)
+                lg = repeat(lambda c=case, a=x, b=y: _call(client, c, a, b),
+                            budget_s=per_method_s, min_reps=5, max_reps=max_calls, warm=1)
+                ec = repeat(lambda p=payload: echo(p, timeout=CALL_TIMEOUT_S),
+                            budget_s=per_method_s, min_reps=5, max_reps=max_calls, warm=1)
+                print(f"  e2e mse {case.size_label}: lossgrad {lg.ms():.3f} ms, "
+                      f"echo {ec.ms():.3f} ms", flush=True)
+                rows.append([
+                    case.size_label, f"{len(payload) / MB:.3g}", f"{x.nbytes / MB:.3g}",
+                    fmt_ms(local.ms()),
+                    f"{fmt_ms(lg.ms(50))} / {fmt_ms(lg.ms(99))}",
+                    f"{fmt_ms(ec.ms(50))} / {fmt_ms(ec.ms(99))}",
+                    fmt_ratio(lg.ms() / ec.ms()), fmt_ms(lg.ms() - ec.ms() - local.ms()),
+                    f"{lg.n} / {ec.n}", "yes" if same else "**NO**",
+                ])
+        finally:
+            channel.close()
+    header = ["MSE size (float32)", "request MB", "gradient MB", "in-process compute ms",
+              "lossgrad p50 / p99 ms", "echo p50 / p99 ms", "lossgrad / echo (p50)",
+              "lossgrad − echo − compute ms", "calls (lossgrad / echo)",
+              "same bits as in-process"]
+    return table(header, rows), problems
+
+
+# --- section 4: two large requests at once ---------------------------------------------
+
+def _together(calls: list[Callable[[], object]]) -> float:
+    """Run ``calls`` on one thread each, released together; the wall time until all return."""
+    barrier = threading.Barrier(len(calls) + 1)
+    errors: list[BaseException] = []
+
+    def run(fn: Callable[[], object]) -> None:
+        try:
+            barrier.wait(timeout=CALL_TIMEOUT_S)
+            fn()
+        except BaseException as err:  # re-raised below, never swallowed
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in calls]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=CALL_TIMEOUT_S)
+    start = time.perf_counter()
+    for t in threads:
+        t.join(CALL_TIMEOUT_S)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def _sequential_and_concurrent(call_a: Callable[[], object], call_b: Callable[[], object],
+                               rounds: tuple[int, int], budget_s: float
+                               ) -> tuple[Timing, Timing, Timing]:
+    """Wall times of (one call, a then b, a and b on two threads started together), over
+    at least ``rounds[0]`` and at most ``rounds[1]`` rounds, stopping after ``budget_s``."""
+    call_a()
+    call_b()
+    one: list[float] = []
+    sequential: list[float] = []
+    concurrent: list[float] = []
+    started = time.perf_counter()
+    while len(sequential) < rounds[1] and (
+            len(sequential) < rounds[0] or time.perf_counter() - started < budget_s):
+        start = time.perf_counter()
+        call_a()
+        middle = time.perf_counter()
+        call_b()
+        end = time.perf_counter()
+        one += [middle - start, end - middle]
+        sequential.append(end - start)
+        concurrent.append(_together([call_a, call_b]))
+    return Timing(tuple(one)), Timing(tuple(sequential)), Timing(tuple(concurrent))
+
+
+def concurrency(quick: bool, untuned: bool) -> tuple[str, list[str]]:
+    cases = [sparse_ce(512, 32000), mse(4_000_000)] if quick else [
+        sparse_ce(2048, 32000), mse(16_000_000)]
+    rounds, budget_s = ((2, 5), 3.0) if quick else ((2, 7), 12.0)
+    rows = []
+    with ServerProcess(lossgrad_command(max_workers(), untuned)) as server, \
+            _client(server.address) as client_a, _client(server.address) as client_b:
+        for case in cases:
+            x, y = inputs(case)
+            label = f"{case.loss} {case.size_label}"
+            runs = [
+                ("in-process, 2 Python threads",
+                 lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b, **c.params),
+                 lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b, **c.params)),
+                ("through the server, 2 client threads",
+                 lambda c=case, a=x, b=y: _call(client_a, c, a, b),
+                 lambda c=case, a=x, b=y: _call(client_b, c, a, b)),
+            ]
+            for mode, call_a, call_b in runs:
+                one, seq, conc = _sequential_and_concurrent(call_a, call_b, rounds, budget_s)
+                print(f"  concurrency {label} {mode}: 2 sequential {seq.ms():.1f} ms, "
+                      f"2 concurrent {conc.ms():.1f} ms", flush=True)
+                rows.append([label, f"{request_bytes(x, y) / MB:.0f}", mode,
+                             fmt_ms(one.ms()), fmt_ms(seq.ms()), fmt_ms(conc.ms()),
+                             fmt_ratio(conc.ms() / seq.ms()), str(seq.n)])
+    header = ["request", "request MB", "callers", "one call ms", "2 sequential ms",
+              "2 concurrent ms", "concurrent / sequential", "rounds"]
+    note = ("Medians over rounds (at least 2, more while a time budget lasts) after one "
+            "untimed call of each; each round runs the two calls one after the other, then "
+            "on two threads released together (wall time until both return). "
+            f"Server: `lossgrad serve --max-workers {max_workers()}`; the two clients "
+            "have separate channels.\n\n")
+    return note + table(header, rows), []
+
+
+# --- section 5: server peak memory -----------------------------------------------------
+
+def memory(quick: bool, untuned: bool) -> tuple[str, list[str]]:
+    cases = [mse(10**5), mse(10**6), mse(4_000_000)]
+    cases += [] if quick else [mse(16_000_000), sparse_ce(2048, 32000)]
+    rows = []
+    for case in cases:
+        x, y = inputs(case)
+        size = request_bytes(x, y)
+        with ServerProcess(lossgrad_command(max_workers(), untuned)) as server, \
+                _client(server.address) as client_a, _client(server.address) as client_b:
+            base = server.status("VmRSS")
+            for _ in range(SEQUENTIAL_CALLS):
+                _call(client_a, case, x, y)
+            peak_sequential = server.status("VmHWM")
+            for _ in range(CONCURRENT_ROUNDS):
+                _together([partial(_call, c, case, x, y) for c in (client_a, client_b)])
+            peak_concurrent = server.status("VmHWM")
+            after = server.status("VmRSS")
+        print(f"  memory {case.loss} {case.size_label}: base {base / MB:.0f} MB, "
+              f"peak {peak_sequential / MB:.0f} / {peak_concurrent / MB:.0f} MB", flush=True)
+        rows.append([
+            f"{case.loss} {case.size_label}", f"{size / MB:.3g}", f"{base / MB:.0f}",
+            f"{peak_sequential / MB:.0f}", f"{(peak_sequential - base) / size:.2f}",
+            f"{peak_concurrent / MB:.0f}", f"{(peak_concurrent - base) / size:.2f}",
+            f"{after / MB:.0f}",
+        ])
+    header = ["request", "request MB", "RSS at start MB",
+              f"peak after {SEQUENTIAL_CALLS} sequential MB", "(peak − start) / request",
+              f"peak after {CONCURRENT_ROUNDS}×2 concurrent MB",
+              "(peak − start) / request", "RSS after burst MB"]
+    return table(header, rows), []
+
+
+MEMORY_NOTE = (
+    "A fresh server per row. *RSS at start*: `VmRSS` once the server is ready (kernels "
+    "loaded and warmed). Peaks are `VmHWM` from `/proc/PID/status` after "
+    f"{SEQUENTIAL_CALLS} sequential calls, then after {CONCURRENT_ROUNDS} round(s) of 2 "
+    "concurrent calls from two clients (the peak only grows). *RSS after burst*: `VmRSS` "
+    "when the calls are done (memory the allocator kept). Requests are float32.\n")
+
+SECTIONS: dict[str, Callable[[bool, bool], tuple[str, list[str]]]] = {
+    "e2e": e2e,
+    "concurrency": concurrency,
+    "memory": memory,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--section", choices=sorted(SECTIONS), required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--untuned-server", action="store_true",
+                        help="switch off lossgrad serve's own malloc tuning")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    markdown, problems = SECTIONS[args.section](args.quick, args.untuned_server)
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    args.out.write_text(json.dumps({"markdown": markdown, "problems": problems,
+                                    "malloc_env": malloc}))
+
+
+if __name__ == "__main__":
+    main()
