@@ -10,18 +10,43 @@ import sys
 from collections.abc import Sequence
 
 from . import catalog
-from .server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS, serve
+from .auth import read_token_file
+from .server import (
+    DEFAULT_GRACE_S,
+    DEFAULT_MAX_CONNECTION_AGE_S,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_WORKERS,
+    TlsConfig,
+    serve,
+)
+from .telemetry import JsonFormatter
 
 _ENV_HOST = "LOSSGRAD_HOST"
 _ENV_PORT = "LOSSGRAD_PORT"
 _ENV_MAX_WORKERS = "LOSSGRAD_MAX_WORKERS"
 _ENV_MAX_MESSAGE_BYTES = "LOSSGRAD_MAX_MESSAGE_BYTES"
+_ENV_MAX_ELEMENTS = "LOSSGRAD_MAX_ELEMENTS"
+_ENV_MAX_CONCURRENT_RPCS = "LOSSGRAD_MAX_CONCURRENT_RPCS"
+_ENV_MAX_CONNECTION_AGE = "LOSSGRAD_MAX_CONNECTION_AGE_SECONDS"
+_ENV_GRACE = "LOSSGRAD_GRACE_SECONDS"
+_ENV_HEALTH_PORT = "LOSSGRAD_HEALTH_PORT"
+_ENV_REFLECTION = "LOSSGRAD_REFLECTION"
+_ENV_TLS_CERT = "LOSSGRAD_TLS_CERT"
+_ENV_TLS_KEY = "LOSSGRAD_TLS_KEY"
+_ENV_TLS_CLIENT_CA = "LOSSGRAD_TLS_CLIENT_CA"
+_ENV_AUTH_TOKEN_FILE = "LOSSGRAD_AUTH_TOKEN_FILE"
+_ENV_METRICS_PORT = "LOSSGRAD_METRICS_PORT"
+_ENV_LOG_FORMAT = "LOSSGRAD_LOG_FORMAT"
+_TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lossgrad`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
+        if args.reflection is None:
+            args.reflection = _env_bool(parser, _ENV_REFLECTION, True)
         return _serve(args)
     if args.command == "losses":
         sys.stdout.write(format_catalog(catalog.LOSSES))
@@ -52,6 +77,51 @@ def _parser() -> argparse.ArgumentParser:
                        default=env(_ENV_MAX_MESSAGE_BYTES, str(DEFAULT_MAX_MESSAGE_BYTES)),
                        help=f"largest request or response (env {_ENV_MAX_MESSAGE_BYTES}; "
                             "default %(default)s)")
+    serve.add_argument("--max-elements", type=_non_negative_int,
+                       default=env(_ENV_MAX_ELEMENTS, "0"),
+                       help="most tensor elements one request may declare, 0 for no limit "
+                            f"(env {_ENV_MAX_ELEMENTS}; default %(default)s)")
+    serve.add_argument("--max-concurrent-rpcs", type=_non_negative_int,
+                       default=env(_ENV_MAX_CONCURRENT_RPCS, "0"),
+                       help="most calls in progress or queued, health checks included; more "
+                            "get RESOURCE_EXHAUSTED; 0 for no limit "
+                            f"(env {_ENV_MAX_CONCURRENT_RPCS}; default %(default)s)")
+    serve.add_argument("--max-connection-age-seconds", type=_non_negative_float,
+                       default=env(_ENV_MAX_CONNECTION_AGE, f"{DEFAULT_MAX_CONNECTION_AGE_S:g}"),
+                       help="close connections after this long, so that clients re-resolve "
+                            f"the name; 0 for never (env {_ENV_MAX_CONNECTION_AGE}; "
+                            "default %(default)s)")
+    serve.add_argument("--grace", type=_non_negative_float,
+                       default=env(_ENV_GRACE, f"{DEFAULT_GRACE_S:g}"),
+                       help="seconds that calls in flight get to finish on SIGTERM/SIGINT "
+                            f"(env {_ENV_GRACE}; default %(default)s)")
+    serve.add_argument("--health-port", type=_port, default=env(_ENV_HEALTH_PORT, "0"),
+                       help="also serve grpc.health.v1 alone, in plaintext, on this port (for "
+                            f"probes that cannot do TLS); 0 for off (env {_ENV_HEALTH_PORT}; "
+                            "default %(default)s)")
+    serve.add_argument("--reflection", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="serve gRPC reflection, for grpcurl and other tools "
+                            f"(env {_ENV_REFLECTION}=0/1; default on)")
+    serve.add_argument("--tls-cert", default=env(_ENV_TLS_CERT),
+                       help="PEM certificate chain: serve TLS instead of plaintext "
+                            f"(env {_ENV_TLS_CERT}; needs --tls-key)")
+    serve.add_argument("--tls-key", default=env(_ENV_TLS_KEY),
+                       help=f"PEM private key of --tls-cert (env {_ENV_TLS_KEY})")
+    serve.add_argument("--tls-client-ca", default=env(_ENV_TLS_CLIENT_CA),
+                       help="PEM CA certificates: require client certificates signed by them "
+                            f"(mutual TLS; env {_ENV_TLS_CLIENT_CA})")
+    serve.add_argument("--auth-token-file", default=env(_ENV_AUTH_TOKEN_FILE),
+                       help="file holding a bearer token that calls must send as "
+                            "'authorization: Bearer TOKEN' (health and reflection need none; "
+                            f"env {_ENV_AUTH_TOKEN_FILE})")
+    serve.add_argument("--metrics-port", type=_port, default=env(_ENV_METRICS_PORT, "0"),
+                       help="serve Prometheus metrics over HTTP at /metrics on this port; 0 "
+                            f"for off (env {_ENV_METRICS_PORT}; default %(default)s)")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       default=env(_ENV_LOG_FORMAT, "text"),
+                       help="log lines, one per call and per event, as text or JSON objects "
+                            f"(env {_ENV_LOG_FORMAT}; default %(default)s)")
     commands.add_parser("losses", help="print the loss catalog")
     commands.add_parser(
         "compile", help="compile every kernel into numba's cache and warm it",
@@ -89,20 +159,70 @@ def _positive_int(text: str) -> int:
     return _int(text, 1)
 
 
+def _non_negative_int(text: str) -> int:
+    return _int(text, 0)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _env_bool(parser: argparse.ArgumentParser, name: str, default: bool) -> bool:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    parser.error(f"{name} must be 0 or 1, got {text!r}")
+
+
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tls = _tls(args)
+        token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    except (OSError, ValueError) as err:
+        print(f"lossgrad: {err}", file=sys.stderr)
+        return 1
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if args.log_format == "json"
+                         else logging.Formatter(_TEXT_LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
     def ready(host: str, port: int) -> None:
         print(f"lossgrad serving on {host}:{port}", flush=True)
 
     try:
         serve(args.host, args.port, max_workers=args.max_workers,
-              max_message_bytes=args.max_message_bytes, on_ready=ready)
+              max_message_bytes=args.max_message_bytes,
+              max_elements=args.max_elements or None,
+              max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+              max_connection_age_s=args.max_connection_age_seconds or None,
+              health_port=args.health_port or None, reflection=args.reflection,
+              metrics_port=args.metrics_port or None,
+              tls=tls, auth_token=token, grace=args.grace, on_ready=ready)
     except OSError as err:
         print(f"lossgrad: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        return TlsConfig.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.tls_client_ca:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    return None
 
 
 def format_catalog(losses: Sequence[catalog.LossSpec]) -> str:

@@ -32,6 +32,15 @@ class ResourceExhaustedError(LossgradError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceededError(LossgradError):
+    """The call's deadline passed before the work started."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+# Stable reasons carried by ResourceExhaustedError.
+TOO_MANY_ELEMENTS = "TOO_MANY_ELEMENTS"
+
 # Stable reasons carried by InvalidArgumentError.
 UNKNOWN_LOSS = "UNKNOWN_LOSS"
 UNKNOWN_PARAMETER = "UNKNOWN_PARAMETER"

@@ -10,16 +10,32 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
+import grpc_reflection.v1alpha.reflection as grpc_reflection
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_health.v1.health import HealthServicer
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from prometheus_client import start_http_server
 
-from . import engine
-from .service import SERVICE_NAME, LossService, method_handlers
+from . import __version__, engine, wire
+from .auth import TokenAuthInterceptor
+from .service import SERVICE_NAME, SUPPORTED_DTYPES, LossService, method_handlers
+from .telemetry import Telemetry
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_WORKERS = 2 * (os.cpu_count() or 1)  # kernels release the GIL
 DEFAULT_GRACE_S = 5.0
+DEFAULT_MAX_CONNECTION_AGE_S = 300.0
+# Calls in flight when a connection reaches its age get this long to finish.
+CONNECTION_AGE_GRACE_S = 30.0
 
 _log = logging.getLogger("lossgrad.server")
 
@@ -61,70 +77,244 @@ def tune_allocator() -> bool:
     return tuned
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM bytes of the server's certificate chain and private key; with ``client_ca``
+    set, clients must present a certificate signed by it (mutual TLS)."""
+
+    cert_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    @classmethod
+    def from_files(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str],
+                   client_ca: str | os.PathLike[str] | None = None) -> TlsConfig:
+        """Read the PEM files (``OSError`` when one cannot be read)."""
+        ca = None if client_ca is None else Path(client_ca).read_bytes()
+        return cls(Path(cert).read_bytes(), Path(key).read_bytes(), ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.cert_chain)], root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None)
+
+
+class LossServer:
+    """A running LossService server: the gRPC server, its health status and the
+    plaintext health-only server (when ``health_port`` was given).
+
+    ``stop(grace)`` turns readiness (``lossgrad.v1.LossService``) to NOT_SERVING, refuses
+    new calls with UNAVAILABLE and lets calls in flight finish for ``grace`` seconds; the
+    returned event is set once everything is stopped.
+    """
+
+    def __init__(self, server: grpc.Server, health: HealthServicer, telemetry: Telemetry,
+                 health_server: grpc.Server | None, health_port: int | None,
+                 metrics_server: WSGIServer | None) -> None:
+        self.grpc_server = server
+        self.health = health
+        self.telemetry = telemetry
+        self.health_port = health_port
+        self.metrics_port = None if metrics_server is None else metrics_server.server_port
+        self._health_server = health_server
+        self._metrics_server = metrics_server
+
+    def stop(self, grace: float | None) -> threading.Event:
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        stopped = self.grpc_server.stop(grace)
+        done = threading.Event()
+
+        def finish() -> None:
+            stopped.wait()
+            if self._health_server is not None:  # probes see NOT_SERVING until the end
+                self._health_server.stop(0).wait()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            done.set()
+
+        threading.Thread(target=finish, name="lossgrad-stop", daemon=True).start()
+        return done
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
 def create_server(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_elements: int | None = None,
+    max_concurrent_rpcs: int | None = None,
+    max_connection_age_s: float | None = None,
+    reflection: bool = True,
+    health_port: int | None = None,
+    metrics_port: int | None = None,
+    tls: TlsConfig | None = None,
+    auth_token: str | None = None,
     warm: bool = True,
-) -> tuple[grpc.Server, int]:
+) -> tuple[LossServer, int]:
     """Start a LossService server on ``host:port`` and return it with the bound port.
 
     ``port=0`` binds a free port. With ``warm=True`` the engine compiles its kernels
-    before the port opens, so the first request is not slow. The caller stops the
-    server with ``server.stop(grace)``.
+    before the port opens, so the first request is not slow; readiness
+    (``lossgrad.v1.LossService`` in grpc.health.v1) turns SERVING after that.
+    ``health_port`` (0 for a free one) adds a plaintext server with only grpc.health.v1,
+    for probes that cannot do TLS; it listens while the kernels warm. ``metrics_port``
+    (0 for a free one) serves Prometheus metrics over HTTP at ``/metrics``. ``None``
+    limits mean no limit; ``max_connection_age_s=None`` keeps connections open. The
+    caller stops the server with ``server.stop(grace)``.
     """
-    if not 0 <= port <= 65535:  # gRPC would silently wrap 99999 to 34463
-        raise ValueError(f"port must be in [0, 65535], got {port}")
-    if max_workers < 1:
-        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-    if max_message_bytes < 1:
-        raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
+    for name, value in (("port", port), ("health_port", health_port),
+                        ("metrics_port", metrics_port)):
+        if value is not None and not 0 <= value <= 65535:  # gRPC would wrap 99999 to 34463
+            raise ValueError(f"{name} must be in [0, 65535], got {value}")
+    for name, value in (("max_workers", max_workers), ("max_message_bytes", max_message_bytes),
+                        ("max_elements", max_elements),
+                        ("max_concurrent_rpcs", max_concurrent_rpcs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if max_connection_age_s is not None and max_connection_age_s <= 0:
+        raise ValueError(f"max_connection_age_s must be > 0, got {max_connection_age_s}")
+    if auth_token is not None and not auth_token:
+        raise ValueError("auth_token must not be empty")
     tune_allocator()
-    if warm:
-        engine.warmup()
-    options = [
+    health = HealthServicer()
+    health.set("", health_pb2.HealthCheckResponse.SERVING)
+    health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    telemetry = Telemetry()
+    health_server, health_bound, metrics_server = None, None, None
+    if health_port is not None:
+        health_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="lossgrad-health"),
+            options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_bound = _bind(health_server, host, health_port, None)
+        health_server.start()
+    try:
+        if warm:
+            engine.warmup()
+        info = ServerInfo(
+            limits=pb.ServerLimits(max_message_bytes=max_message_bytes,
+                                   max_elements=max_elements or 0,
+                                   max_concurrent_rpcs=max_concurrent_rpcs or 0),
+            features=pb.ServerFeatures(
+                reflection=reflection, tls=tls is not None,
+                mutual_tls=tls is not None and tls.client_ca is not None,
+                auth=auth_token is not None, metrics=metrics_port is not None),
+            telemetry=telemetry)
+        server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
+                        max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,
+                        max_connection_age_s=max_connection_age_s, reflection=reflection,
+                        health=health, telemetry=telemetry, server_info=info,
+                        auth_token=auth_token)
+        bound = _bind(server, host, port, tls)
+        if metrics_port is not None:
+            try:
+                metrics_server, _ = start_http_server(metrics_port, host, telemetry.registry)
+            except OSError as err:
+                server.stop(None)
+                raise OSError(f"cannot bind {_host_for_address(host)}:{metrics_port} "
+                              f"for metrics: {err}") from err
+        server.start()
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        if health_server is not None:
+            health_server.stop(None)
+        raise
+    health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return LossServer(server, health, telemetry, health_server, health_bound,
+                      metrics_server), bound
+
+
+def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None,
+           max_concurrent_rpcs: int | None, max_connection_age_s: float | None,
+           reflection: bool, health: HealthServicer, telemetry: Telemetry,
+           server_info: ServerInfo, auth_token: str | None) -> grpc.Server:
+    options: list[tuple[str, int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         # A second server on a taken port must fail, not share it.
         ("grpc.so_reuseport", 0),
     ]
+    if max_connection_age_s is not None:  # clients reconnect, and so re-resolve the name
+        options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(CONNECTION_AGE_GRACE_S * 1000))]
+    interceptors = [] if auth_token is None else [TokenAuthInterceptor(auth_token)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lossgrad"),
-        options=options,
+        interceptors=interceptors, options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    handlers = method_handlers(LossService())
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            telemetry.observe(name, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+        for name, handler in method_handlers(
+            LossService(max_elements=max_elements, server_info=server_info)).items()
+    }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if reflection:
+        grpc_reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, grpc_reflection.SERVICE_NAME), server)
+    return server
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Builds the GetServerInfo answer: the fixed configuration and the live counts."""
+
+    limits: pb.ServerLimits
+    features: pb.ServerFeatures
+    telemetry: Telemetry
+
+    def __call__(self) -> pb.GetServerInfoResponse:
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            supported_dtypes=[wire.data_type(np.dtype(name)) for name in SUPPORTED_DTYPES],
+            limits=self.limits, features=self.features,
+            loss_statistics=[
+                pb.LossStatistics(loss=name, calls=calls, failed_calls=failed)
+                for name, (calls, failed) in sorted(self.telemetry.loss_counts().items())])
+
+
+def _bind(server: grpc.Server, host: str, port: int, tls: TlsConfig | None) -> int:
     address = f"{_host_for_address(host)}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.credentials())
     except RuntimeError as err:
         server.stop(None)
         raise OSError(f"cannot bind {address}: {err}") from err
     if bound == 0:
         server.stop(None)
         raise OSError(f"cannot bind {address}")
-    server.start()
-    return server, bound
+    return int(bound)
 
 
 def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    max_workers: int = DEFAULT_MAX_WORKERS,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    warm: bool = True,
     grace: float = DEFAULT_GRACE_S,
     on_ready: Callable[[str, int], None] | None = None,
+    **options: Any,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop, letting running calls finish for ``grace`` s.
+    """Serve until SIGTERM or SIGINT, then stop: readiness turns NOT_SERVING, new calls
+    get UNAVAILABLE, and calls in flight finish for up to ``grace`` s.
 
-    ``on_ready(host, port)`` is called once the server accepts calls.
-    Must run in the main thread (signal handlers).
+    ``options`` are those of :func:`create_server`. ``on_ready(host, port)`` is called
+    once the server accepts calls. Must run in the main thread (signal handlers).
     """
     stop = threading.Event()
 
@@ -134,10 +324,15 @@ def serve(
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server, bound = create_server(host, port, max_workers=max_workers,
-                                      max_message_bytes=max_message_bytes, warm=warm)
+        server, bound = create_server(host, port, **options)
         try:
             _log.info("serving on %s:%d", host, bound)
+            if server.health_port is not None:
+                _log.info("grpc.health.v1 only, in plaintext, on %s:%d", host,
+                          server.health_port)
+            if server.metrics_port is not None:
+                _log.info("Prometheus metrics on http://%s:%d/metrics",
+                          _host_for_address(host), server.metrics_port)
             if on_ready is not None:
                 on_ready(host, bound)
             while not stop.wait(0.5):

@@ -7,18 +7,22 @@ tensors, one copy of the response's); ListLosses uses the generated classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import numpy as np
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from lossgrad_client._wire import ComputeRequest, ComputeResponse, WireError, serialize_response
 
 from . import catalog, engine, wire
+from .errors import DeadlineExceededError
 from .status import abort
 
 SERVICE_NAME = "lossgrad.v1.LossService"
 
 _KINDS = {kind: pb.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in catalog.InputKind}
 _PARAM_TYPES = {t: pb.ParamType.Value(f"PARAM_TYPE_{t.name}") for t in catalog.ParamType}
+SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64")
 _DTYPES = {name: wire.data_type(np.dtype(name)) for name in ("float32", "float64", "int32",
                                                               "int64")}
 
@@ -30,14 +34,17 @@ class LossService:
     parsed requests (or the WireError of a malformed one), not generated messages.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_elements: int | None = None,
+                 server_info: Callable[[], pb.GetServerInfoResponse] | None = None) -> None:
         self._catalog = list_losses_response(catalog.LOSSES)
+        self._max_elements = max_elements
+        self._server_info = server_info or pb.GetServerInfoResponse
 
     def ComputeLoss(
         self, request: ComputeRequest | WireError, context: grpc.ServicerContext
     ) -> ComputeResponse:
         try:
-            return _compute(wire.parsed(request), gradient=False)
+            return self._compute(wire.parsed(request), context, gradient=False)
         except Exception as err:
             abort(context, err, "ComputeLoss")
 
@@ -45,14 +52,27 @@ class LossService:
         self, request: ComputeRequest | WireError, context: grpc.ServicerContext
     ) -> ComputeResponse:
         try:
-            return _compute(wire.parsed(request), gradient=True)
+            return self._compute(wire.parsed(request), context, gradient=True)
         except Exception as err:
             abort(context, err, "ComputeGradient")
+
+    def _compute(self, request: ComputeRequest, context: grpc.ServicerContext, *,
+                 gradient: bool) -> ComputeResponse:
+        wire.check_elements(request, self._max_elements)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # the caller has stopped waiting
+            raise DeadlineExceededError("", "the deadline passed before the call was computed")
+        return _compute(request, gradient=gradient)
 
     def ListLosses(
         self, request: pb.ListLossesRequest, context: grpc.ServicerContext
     ) -> pb.ListLossesResponse:
         return self._catalog  # built once; never mutated, so safe to share between calls
+
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        return self._server_info()
 
 
 def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
@@ -67,6 +87,9 @@ def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
         "ListLosses": grpc.unary_unary_rpc_method_handler(
             service.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
             response_serializer=pb.ListLossesResponse.SerializeToString),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=pb.GetServerInfoResponse.SerializeToString),
     }
 
 

@@ -25,9 +25,11 @@ from .errors import (
     MALFORMED_REQUEST,
     MISSING_FIELD,
     NEGATIVE_DIMENSION,
+    TOO_MANY_ELEMENTS,
     UNKNOWN_REDUCTION,
     UNSUPPORTED_DTYPE,
     InvalidArgumentError,
+    ResourceExhaustedError,
 )
 
 # DataType -> little-endian NumPy dtype, and back by dtype name.
@@ -114,6 +116,20 @@ def decode_tensor(tensor: _wire.Tensor, field: str) -> np.ndarray:
         array = array.copy()
         array.flags.writeable = False
     return array
+
+
+def check_elements(request: _wire.ComputeRequest, limit: int | None) -> int:
+    """Return the elements the request's tensors declare (from their shapes, before any
+    array exists); ResourceExhaustedError when that is over ``limit`` (None: no limit)."""
+    tensors = (("predictions", request.predictions), ("targets", request.targets),
+               ("sample_weight", request.sample_weight))
+    # Negative dimensions count as 0 here; decode_tensor rejects them.
+    total = sum(math.prod(max(d, 0) for d in t.shape) for _, t in tensors if t is not None)
+    if limit is not None and total > limit:
+        raise ResourceExhaustedError(
+            "request", f"the tensors declare {total} elements; the limit is {limit} "
+            "per request (--max-elements)", TOO_MANY_ELEMENTS)
+    return int(total)
 
 
 def decode_required(tensor: _wire.Tensor | None, name: str) -> np.ndarray:

@@ -531,6 +531,173 @@ class ListLossesResponse(_message.Message):
 Global___ListLossesResponse: _TypeAlias = ListLossesResponse  # noqa: Y015
 
 @_typing.final
+class GetServerInfoRequest(_message.Message):
+    """GetServerInfoRequest asks for the server's description."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    """GetServerInfoResponse describes the server that answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SUPPORTED_DTYPES_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    LOSS_STATISTICS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Version of the lossgrad server, e.g. "0.1.0"."""
+    @_builtins.property
+    def supported_dtypes(self) -> _containers.RepeatedScalarFieldContainer[Global___DataType.ValueType]:
+        """Element types the server accepts in tensors (which ones a loss takes for each
+        input: ListLosses).
+        """
+
+    @_builtins.property
+    def limits(self) -> Global___ServerLimits:
+        """The limits in force."""
+
+    @_builtins.property
+    def features(self) -> Global___ServerFeatures:
+        """The optional features that are on."""
+
+    @_builtins.property
+    def loss_statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___LossStatistics]:
+        """Calls per loss since the server started, one entry per loss called at least once."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        supported_dtypes: _abc.Iterable[Global___DataType.ValueType] | None = ...,
+        limits: Global___ServerLimits | None = ...,
+        features: Global___ServerFeatures | None = ...,
+        loss_statistics: _abc.Iterable[Global___LossStatistics] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "limits", b"limits", "loss_statistics", b"loss_statistics", "supported_dtypes", b"supported_dtypes", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class ServerLimits(_message.Message):
+    """ServerLimits are the server's configured limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_ELEMENTS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _builtins.int
+    max_message_bytes: _builtins.int
+    """Largest request or response message, in bytes; a larger one gets
+    RESOURCE_EXHAUSTED.
+    """
+    max_elements: _builtins.int
+    """Most tensor elements one request may declare (predictions, targets and
+    sample_weight together); 0 for no limit.
+    """
+    max_concurrent_rpcs: _builtins.int
+    """Most calls in progress or queued at once; 0 for no limit."""
+    def __init__(
+        self,
+        *,
+        max_message_bytes: _builtins.int = ...,
+        max_elements: _builtins.int = ...,
+        max_concurrent_rpcs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_rpcs", b"max_concurrent_rpcs", "max_elements", b"max_elements", "max_message_bytes", b"max_message_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015
+
+@_typing.final
+class ServerFeatures(_message.Message):
+    """ServerFeatures says which optional features of the server are on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFLECTION_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    MUTUAL_TLS_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    reflection: _builtins.bool
+    """gRPC server reflection is served."""
+    tls: _builtins.bool
+    """The port speaks TLS."""
+    mutual_tls: _builtins.bool
+    """TLS requires a client certificate (mutual TLS)."""
+    auth: _builtins.bool
+    """Calls other than health and reflection need a bearer token."""
+    metrics: _builtins.bool
+    """Prometheus metrics are served over HTTP."""
+    def __init__(
+        self,
+        *,
+        reflection: _builtins.bool = ...,
+        tls: _builtins.bool = ...,
+        mutual_tls: _builtins.bool = ...,
+        auth: _builtins.bool = ...,
+        metrics: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerFeatures: _TypeAlias = ServerFeatures  # noqa: Y015
+
+@_typing.final
+class LossStatistics(_message.Message):
+    """LossStatistics counts the ComputeLoss and ComputeGradient calls of one loss."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOSS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    FAILED_CALLS_FIELD_NUMBER: _builtins.int
+    loss: _builtins.str
+    """Canonical name of the loss; calls by an alias count under it."""
+    calls: _builtins.int
+    """Calls that named this loss."""
+    failed_calls: _builtins.int
+    """Those of the calls that ended with an error status."""
+    def __init__(
+        self,
+        *,
+        loss: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        failed_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "failed_calls", b"failed_calls", "loss", b"loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LossStatistics: _TypeAlias = LossStatistics  # noqa: Y015
+
+@_typing.final
 class InputSpec(_message.Message):
     """InputSpec describes one input tensor of a loss."""
 

@@ -50,6 +50,11 @@ class LossServiceStub:
                 request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.ListLossesRequest.SerializeToString,
                 response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.ListLossesResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/lossgrad.v1.LossService/GetServerInfo',
+                request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -77,6 +82,14 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """GetServerInfo returns the server's version, supported dtypes, limits, enabled
+        features and per-loss call counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ListLosses,
                     request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.ListLossesRequest.FromString,
                     response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.ListLossesResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class LossService:
             '/lossgrad.v1.LossService/ListLosses',
             lossgrad_dot_v1_dot_lossgrad__pb2.ListLossesRequest.SerializeToString,
             lossgrad_dot_v1_dot_lossgrad__pb2.ListLossesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossgrad.v1.LossService/GetServerInfo',
+            lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoRequest.SerializeToString,
+            lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class LossServiceStub:
     """ComputeGradient returns the loss and its gradient w.r.t. the predictions."""
     ListLosses: _grpc.UnaryUnaryMultiCallable[_lossgrad_pb2.ListLossesRequest, _lossgrad_pb2.ListLossesResponse]
     """ListLosses returns the catalog: every loss, its inputs and its parameters."""
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_lossgrad_pb2.GetServerInfoRequest, _lossgrad_pb2.GetServerInfoResponse]
+    """GetServerInfo returns the server's version, supported dtypes, limits, enabled
+    features and per-loss call counts.
+    """
 
 @_typing.type_check_only
 class LossServiceAsyncStub(LossServiceStub):
@@ -64,6 +68,10 @@ class LossServiceAsyncStub(LossServiceStub):
     """ComputeGradient returns the loss and its gradient w.r.t. the predictions."""
     ListLosses: _aio.UnaryUnaryMultiCallable[_lossgrad_pb2.ListLossesRequest, _lossgrad_pb2.ListLossesResponse]  # type: ignore[assignment]
     """ListLosses returns the catalog: every loss, its inputs and its parameters."""
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_lossgrad_pb2.GetServerInfoRequest, _lossgrad_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """GetServerInfo returns the server's version, supported dtypes, limits, enabled
+    features and per-loss call counts.
+    """
 
 class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     """LossService computes losses and gradients. Every RPC is idempotent."""
@@ -91,5 +99,15 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lossgrad_pb2.ListLossesResponse, _abc.Awaitable[_lossgrad_pb2.ListLossesResponse]]:
         """ListLosses returns the catalog: every loss, its inputs and its parameters."""
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _lossgrad_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lossgrad_pb2.GetServerInfoResponse, _abc.Awaitable[_lossgrad_pb2.GetServerInfoResponse]]:
+        """GetServerInfo returns the server's version, supported dtypes, limits, enabled
+        features and per-loss call counts.
+        """
 
 def add_LossServiceServicer_to_server(servicer: LossServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
