@@ -5,6 +5,7 @@
 ...     result = client.compute_gradient("huber", predictions, targets, delta=0.5)
 """
 
+from ._aio import AsyncLossClient
 from ._client import LossClient
 from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
 from .errors import (
@@ -12,13 +13,16 @@ from .errors import (
     InternalError,
     InvalidArgumentError,
     LossgradError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncLossClient",
     "DeadlineExceededError",
     "GradientResult",
     "InputInfo",
@@ -29,6 +33,8 @@ __all__ = [
     "LossResult",
     "LossgradError",
     "ParamInfo",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

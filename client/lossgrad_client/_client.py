@@ -2,77 +2,99 @@
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
 
-from ._convert import from_tensor, to_tensor
+from ._channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRIES,
+    METHOD_PREFIX,
+    channel_settings,
+)
 from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
-from ._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
-from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
-from ._wire import ComputeRequest, ComputeResponse, WireError, parse_response, serialize_request
-from .errors import InternalError, InvalidArgumentError, from_rpc_error
-
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_SERVICE = "/lossgrad.v1.LossService/"
-
-_REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
-    "none": pb.REDUCTION_NONE,
-    "sum": pb.REDUCTION_SUM,
-    "mean": pb.REDUCTION_MEAN,
-}
-# LossParams fields by name: the keyword parameters of compute_loss/compute_gradient.
-_PARAM_FIELDS: dict[str, FieldDescriptor] = dict(pb.LossParams.DESCRIPTOR.fields_by_name)
+from ._requests import (
+    LIST_LOSSES_REQUEST,
+    compute_request,
+    gradient_result,
+    loss_infos,
+    loss_result,
+)
+from ._types import GradientResult, LossInfo, LossResult
+from ._wire import serialize_request
+from .errors import from_rpc_error
 
 _Client = TypeVar("_Client", bound="LossClient")
-_Response = TypeVar("_Response")
+
+CLIENT_ARGUMENTS_DOC = """
+    ``target`` is ``"host:port"`` (any gRPC target string, e.g. ``"dns:///name:port"``
+    for every address a name resolves to) or a list of ``"ip:port"`` addresses;
+    ``load_balancing`` ("round_robin", or "pick_first") spreads the calls over them,
+    each call to the next server. ``timeout`` is the default deadline of every call in
+    seconds (None: no deadline); each method's ``timeout`` overrides it. A call that
+    fails with UNAVAILABLE (no server reachable, a server shutting down) is retried up
+    to ``retries`` times (0 to 4) with exponential backoff, within the deadline.
+    ``max_message_bytes`` bounds requests and responses and should match the server's.
+    ``root_certificates`` (PEM; None with a key and chain: the system's roots) makes a
+    TLS channel, mutual TLS with ``private_key`` and ``certificate_chain``; ``credentials``
+    gives gRPC channel credentials instead. ``token`` is sent with every call as
+    ``authorization: Bearer <token>``. ``options`` are extra gRPC channel arguments
+    (they override the ones these arguments set).
+"""
 
 
 class LossClient:
     """Blocking client of a lossgrad server; safe to share between threads.
 
-    ``target`` is ``"host:port"`` (any gRPC target string). ``timeout`` is the default
-    deadline of every call in seconds (None: no deadline); each method's ``timeout``
-    overrides it. ``max_message_bytes`` bounds requests and responses and should match
-    the server's. ``options`` are extra gRPC channel arguments; ``credentials`` makes a
-    TLS channel instead of a plaintext one. Use it as a context manager or call
-    :meth:`close`.
-
-    Arrays in results are read-only views of the response bytes; copy one to modify it.
-    Every error is a :class:`lossgrad_client.LossgradError`.
+    Use it as a context manager or call :meth:`close`. Arrays in results are read-only
+    views of the response bytes; copy one to modify it. Every error is a
+    :class:`lossgrad_client.LossgradError`.
     """
+
+    __doc__ = (__doc__ or "") + CLIENT_ARGUMENTS_DOC
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = None,
+        retries: int = DEFAULT_RETRIES,
+        load_balancing: str = "round_robin",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[tuple[str, Any]] | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
-        merged: dict[str, Any] = {
-            "grpc.max_send_message_length": max_message_bytes,
-            "grpc.max_receive_message_length": max_message_bytes,
-        }
-        merged.update(options or ())
-        channel_options = list(merged.items())
-        self._target = target
+        settings = channel_settings(
+            target, max_message_bytes=max_message_bytes, retries=retries,
+            load_balancing=load_balancing, options=options, credentials=credentials,
+            root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, token=token)
+        self._settings = settings
         self._timeout = timeout
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+        if settings.credentials is None:
+            self._channel = grpc.insecure_channel(settings.target, options=settings.options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
-        self._stub = pb_grpc.LossServiceStub(self._channel)
+            self._channel = grpc.secure_channel(settings.target, settings.credentials,
+                                                options=settings.options)
         # The Compute* methods use the hand-written codec (see _wire): the request is
-        # built from the arrays with one copy, and results view the response bytes.
-        self._compute_loss = self._compute_method("ComputeLoss")
-        self._compute_gradient = self._compute_method("ComputeGradient")
+        # built from the arrays with one copy, and the response comes back as bytes that
+        # the results view.
+        self._compute_loss = self._channel.unary_unary(
+            METHOD_PREFIX + "ComputeLoss", request_serializer=serialize_request,
+            _registered_method=True)
+        self._compute_gradient = self._channel.unary_unary(
+            METHOD_PREFIX + "ComputeGradient", request_serializer=serialize_request,
+            _registered_method=True)
+        self._list_losses = self._channel.unary_unary(
+            METHOD_PREFIX + "ListLosses",
+            request_serializer=pb.ListLossesRequest.SerializeToString,
+            response_deserializer=pb.ListLossesResponse.FromString, _registered_method=True)
 
     def __enter__(self: _Client) -> _Client:
         return self
@@ -86,7 +108,7 @@ class LossClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"LossClient({self._target!r})"
+        return f"{type(self).__name__}({self._settings.target!r})"
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -112,17 +134,12 @@ class LossClient:
         floats are sent as float64. ``reduction`` is "none", "sum" or "mean".
         ``params`` are the loss's parameters (``delta=0.5``, ``from_logits=True``,
         ``class_weight=[...]``); None leaves one unset. With ``allow_nonfinite`` the
-        server accepts NaN and Inf instead of rejecting them.
+        server accepts NaN and Inf instead of rejecting them. ``timeout`` (seconds)
+        overrides the client's for this call.
         """
-        request = _request(loss, predictions, targets, reduction, sample_weight,
-                           allow_nonfinite, params)
-        response = self._compute(self._compute_loss, request, timeout)
-        return LossResult(
-            loss=_loss_value(response, request.reduction),
-            positions=response.positions,
-            positions_counted=response.positions_counted,
-            weight_sum=response.weight_sum,
-        )
+        request = compute_request(loss, predictions, targets, reduction, sample_weight,
+                                  allow_nonfinite, params)
+        return loss_result(self._call(self._compute_loss, request, timeout), request)
 
     def compute_gradient(
         self,
@@ -142,186 +159,18 @@ class LossClient:
         returned value (of the sum of the per-position values for "none") and has the
         predictions' shape and dtype.
         """
-        request = _request(loss, predictions, targets, reduction, sample_weight,
-                           allow_nonfinite, params)
-        response = self._compute(self._compute_gradient, request, timeout)
-        return GradientResult(
-            loss=_loss_value(response, request.reduction),
-            gradient=from_tensor(response.gradient, "gradient"),
-            positions=response.positions,
-            positions_counted=response.positions_counted,
-            weight_sum=response.weight_sum,
-        )
+        request = compute_request(loss, predictions, targets, reduction, sample_weight,
+                                  allow_nonfinite, params)
+        return gradient_result(self._call(self._compute_gradient, request, timeout), request)
 
     def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """Return the server's catalog: every loss, its inputs and its parameters."""
-        response: pb.ListLossesResponse = self._call(
-            self._stub.ListLosses, pb.ListLossesRequest(), timeout)
-        return [_loss_info(info) for info in response.losses]
+        return loss_infos(self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
 
-    def _compute_method(self, name: str) -> Any:
-        # Bytes come back unparsed, so that a malformed response is an InternalError
-        # that says what is wrong (a deserializer that raises gives a bare RpcError).
-        return self._channel.unary_unary(_SERVICE + name, request_serializer=serialize_request,
-                                         _registered_method=True)
-
-    def _compute(self, method: Any, request: ComputeRequest,
-                 timeout: float | None) -> ComputeResponse:
-        data: bytes = self._call(method, request, timeout)
+    def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any,
+              timeout: float | None) -> Any:
         try:
-            return parse_response(data)
-        except WireError as err:
-            raise InternalError(f"malformed response from the server: {err}",
-                                field=err.field) from err
-
-    def _call(
-        self, method: Callable[..., _Response], request: Any, timeout: float | None
-    ) -> _Response:
-        try:
-            return method(request, timeout=self._timeout if timeout is None else timeout)
+            return method(request, timeout=self._timeout if timeout is None else timeout,
+                          metadata=self._settings.metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-
-
-def _request(
-    loss: str,
-    predictions: Any,
-    targets: Any,
-    reduction: str,
-    sample_weight: Any,
-    allow_nonfinite: bool,
-    params: Mapping[str, Any],
-) -> ComputeRequest:
-    """The fields that ComputeLossRequest and ComputeGradientRequest share; the tensors
-    view the arrays (the one copy is into the message)."""
-    if not isinstance(loss, str):
-        raise InvalidArgumentError(
-            f"loss: expected a loss name, got {type(loss).__name__}", field="loss")
-    code = _reduction(reduction)
-    loss_params = pb.LossParams()
-    _set_params(loss_params, params)
-    return ComputeRequest(
-        loss=loss,
-        reduction=code,
-        allow_nonfinite=bool(allow_nonfinite),
-        params=loss_params if loss_params.ListFields() else None,
-        predictions=to_tensor(predictions, "predictions"),
-        targets=to_tensor(targets, "targets"),
-        sample_weight=None if sample_weight is None else to_tensor(sample_weight,
-                                                                   "sample_weight"),
-    )
-
-
-def _reduction(value: str) -> pb.Reduction.ValueType:
-    code = _REDUCTIONS.get(value.lower()) if isinstance(value, str) else None
-    if code is None:
-        raise InvalidArgumentError(
-            f"reduction: unknown reduction {value!r}; expected one of "
-            + ", ".join(repr(name) for name in _REDUCTIONS),
-            reason="UNKNOWN_REDUCTION", field="reduction")
-    return code
-
-
-def _set_params(out: pb.LossParams, params: Mapping[str, Any]) -> None:
-    """Set each keyword on the LossParams field of the same name; None leaves it unset."""
-    for name, value in params.items():
-        descriptor = _PARAM_FIELDS.get(name)
-        if descriptor is None:
-            raise InvalidArgumentError(
-                f"params: unknown parameter {name!r}; valid parameters: "
-                + ", ".join(sorted(_PARAM_FIELDS)),
-                reason="UNKNOWN_PARAMETER", field=f"params.{name}")
-        if value is None:
-            continue
-        field = f"params.{name}"
-        if descriptor.is_repeated:
-            getattr(out, name).extend(_double_list(value, field))
-        elif descriptor.type == FieldDescriptor.TYPE_BOOL:
-            if not isinstance(value, (bool, np.bool_)):
-                raise _type_error(field, "a bool", value)
-            setattr(out, name, bool(value))
-        elif descriptor.type == FieldDescriptor.TYPE_INT64:
-            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
-                raise _type_error(field, "an int", value)
-            if not -(2**63) <= int(value) < 2**63:
-                raise InvalidArgumentError(f"{field}: {value} is outside int64",
-                                           reason="PARAMETER_OUT_OF_RANGE", field=field)
-            setattr(out, name, int(value))
-        else:  # TYPE_DOUBLE
-            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-                raise _type_error(field, "a number", value)
-            setattr(out, name, float(value))
-
-
-def _double_list(value: Any, field: str) -> list[float]:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise _type_error(field, "a sequence of numbers", value) from err
-    if array.ndim != 1:
-        raise _type_error(field, "a 1-D sequence of numbers", value)
-    values: list[float] = array.tolist()
-    return values
-
-
-def _type_error(field: str, expected: str, value: object) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{field}: expected {expected}, got {type(value).__name__}",
-                                reason="INVALID_ARGUMENT", field=field)
-
-
-def _loss_value(response: ComputeResponse, reduction: int) -> float | np.ndarray[Any, Any]:
-    if reduction == pb.REDUCTION_NONE:
-        return from_tensor(response.losses, "losses")
-    return float(response.loss)
-
-
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    try:
-        name: str = enum.Name(value)
-    except ValueError:  # a value newer than this client
-        return f"unknown_{value}"
-    return name.removeprefix(prefix).lower()
-
-
-def _input_info(spec: pb.InputSpec) -> InputInfo:
-    return InputInfo(
-        kind=_enum_name(pb.InputKind, spec.kind, "INPUT_KIND_"),
-        dtypes=tuple(_enum_name(pb.DataType, d, "DATA_TYPE_") for d in spec.dtypes),
-        description=spec.description,
-    )
-
-
-def _param_info(info: pb.ParamInfo) -> ParamInfo:
-    default: float | bool | int | None = None
-    if not info.optional:
-        if info.type == pb.PARAM_TYPE_DOUBLE:
-            default = info.default_double
-        elif info.type == pb.PARAM_TYPE_BOOL:
-            default = info.default_bool
-        elif info.type == pb.PARAM_TYPE_INT64:
-            default = info.default_int64
-    return ParamInfo(
-        name=info.name,
-        type=_enum_name(pb.ParamType, info.type, "PARAM_TYPE_"),
-        default=default,
-        optional=info.optional,
-        minimum=info.minimum if info.HasField("minimum") else None,
-        minimum_inclusive=info.minimum_inclusive,
-        maximum=info.maximum if info.HasField("maximum") else None,
-        maximum_inclusive=info.maximum_inclusive,
-        description=info.description,
-    )
-
-
-def _loss_info(info: pb.LossInfo) -> LossInfo:
-    return LossInfo(
-        name=info.name,
-        aliases=tuple(info.aliases),
-        description=info.description,
-        predictions=_input_info(info.predictions),
-        targets=_input_info(info.targets),
-        params=tuple(_param_info(p) for p in info.params),
-        class_axis_last=info.class_axis_last,
-        reference=info.reference,
-    )
-

@@ -8,10 +8,13 @@ classes and reasons as the server would.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 REASON_KEY = "lossgrad-error-reason"
 FIELD_KEY = "lossgrad-error-field"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class LossgradError(Exception):
@@ -68,6 +71,18 @@ class UnavailableError(LossgradError, ConnectionError):
     default_code = grpc.StatusCode.UNAVAILABLE
 
 
+class UnauthenticatedError(LossgradError, PermissionError):
+    """The server wants a bearer token (``token=``) and got none or a wrong one."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(LossgradError, PermissionError):
+    """The caller is known but not allowed to make the call."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class InternalError(LossgradError):
     """The server failed; its log has the details."""
 
@@ -77,24 +92,67 @@ class InternalError(LossgradError):
 _BY_CODE: dict[grpc.StatusCode, type[LossgradError]] = {
     cls.default_code: cls
     for cls in (InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
-                UnavailableError, InternalError)
+                UnavailableError, UnauthenticatedError, PermissionDeniedError, InternalError)
 }
 
 
 def from_rpc_error(err: grpc.RpcError) -> LossgradError:
-    """Return the LossgradError for a failed call; the caller raises it ``from err``."""
+    """Return the LossgradError for a failed call; the caller raises it ``from err``.
+
+    ``reason`` and ``field`` come from the ``google.rpc.Status`` in the
+    ``grpc-status-details-bin`` trailer (its ErrorInfo and first BadRequest field
+    violation) when the googleapis-common-protos package is importable, and otherwise,
+    or where the Status lacks them, from the ``lossgrad-error-reason`` and
+    ``lossgrad-error-field`` trailers.
+    """
     code = _call_attr(err, "code")
     details = _call_attr(err, "details")
     metadata = _call_attr(err, "trailing_metadata")
     values: dict[str, str] = {}
-    for key, value in metadata if isinstance(metadata, (tuple, list)) else ():
+    status_details: bytes | None = None
+    # A tuple of (key, value) pairs; grpc.aio.Metadata from an asyncio call.
+    for key, value in metadata if isinstance(metadata, Iterable) else ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status_details = value
+            continue
         if isinstance(value, bytes):  # "-bin" keys carry bytes
             value = value.decode("utf-8", "replace")
         values[str(key)] = str(value)
     status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
     cls = _BY_CODE.get(status, LossgradError)
     message = details if isinstance(details, str) and details else str(err)
-    return cls(message, code=status, reason=values.get(REASON_KEY), field=values.get(FIELD_KEY))
+    reason, field = _rich_status(status_details)
+    return cls(message, code=status, reason=reason or values.get(REASON_KEY),
+               field=field or values.get(FIELD_KEY))
+
+
+def _rich_status(data: bytes | None) -> tuple[str | None, str | None]:
+    """(reason, field) of a serialized google.rpc.Status, or Nones where it has none or
+    googleapis-common-protos is not installed."""
+    if data is None:
+        return None, None
+    try:  # optional: googleapis-common-protos comes with grpcio-status, not with this client
+        import google.rpc.error_details_pb2 as error_details_pb2
+        import google.rpc.status_pb2 as status_pb2
+    except ImportError:
+        return None, None
+    try:
+        status = status_pb2.Status.FromString(data)
+    except Exception:  # DecodeError; a malformed trailer must not hide the real error
+        return None, None
+    reason: str | None = None
+    field: str | None = None
+    for detail in status.details:
+        if reason is None and detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = str(info.reason) or None
+        elif field is None and detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            if bad_request.field_violations:
+                field = str(bad_request.field_violations[0].field) or None
+    return reason, field
 
 
 def _call_attr(err: grpc.RpcError, name: str) -> object:

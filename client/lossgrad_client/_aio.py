@@ -1,0 +1,144 @@
+"""AsyncLossClient: the asyncio (grpc.aio) client of lossgrad.v1.LossService.
+
+It takes the arguments of :class:`LossClient` and has the same methods, awaited; the
+requests are built and the responses read by the same code (:mod:`._requests`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from ._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, METHOD_PREFIX, channel_settings
+from ._client import CLIENT_ARGUMENTS_DOC
+from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from ._requests import (
+    LIST_LOSSES_REQUEST,
+    compute_request,
+    gradient_result,
+    loss_infos,
+    loss_result,
+)
+from ._types import GradientResult, LossInfo, LossResult
+from ._wire import serialize_request
+from .errors import from_rpc_error
+
+_Client = TypeVar("_Client", bound="AsyncLossClient")
+
+
+class AsyncLossClient:
+    """asyncio client of a lossgrad server: :class:`LossClient`'s methods, awaited.
+
+    Create it, use it and close it on one event loop: ``async with AsyncLossClient(...)
+    as client:`` or ``await client.close()``. Arrays in results are read-only views of
+    the response bytes. Every error is a :class:`lossgrad_client.LossgradError`.
+    """
+
+    __doc__ = (__doc__ or "") + CLIENT_ARGUMENTS_DOC
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = None,
+        retries: int = DEFAULT_RETRIES,
+        load_balancing: str = "round_robin",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        settings = channel_settings(
+            target, max_message_bytes=max_message_bytes, retries=retries,
+            load_balancing=load_balancing, options=options, credentials=credentials,
+            root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain, token=token)
+        self._settings = settings
+        self._timeout = timeout
+        if settings.credentials is None:
+            self._channel = grpc.aio.insecure_channel(settings.target, options=settings.options)
+        else:
+            self._channel = grpc.aio.secure_channel(settings.target, settings.credentials,
+                                                    options=settings.options)
+        self._compute_loss = self._channel.unary_unary(
+            METHOD_PREFIX + "ComputeLoss", request_serializer=serialize_request,
+            _registered_method=True)
+        self._compute_gradient = self._channel.unary_unary(
+            METHOD_PREFIX + "ComputeGradient", request_serializer=serialize_request,
+            _registered_method=True)
+        self._list_losses = self._channel.unary_unary(
+            METHOD_PREFIX + "ListLosses",
+            request_serializer=pb.ListLossesRequest.SerializeToString,
+            response_deserializer=pb.ListLossesResponse.FromString, _registered_method=True)
+
+    async def __aenter__(self: _Client) -> _Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._settings.target!r})"
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def compute_loss(
+        self,
+        loss: str,
+        predictions: Any,
+        targets: Any,
+        *,
+        reduction: str = "mean",
+        sample_weight: Any = None,
+        allow_nonfinite: bool = False,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> LossResult:
+        """Compute a loss on the server; see :meth:`LossClient.compute_loss`."""
+        request = compute_request(loss, predictions, targets, reduction, sample_weight,
+                                  allow_nonfinite, params)
+        return loss_result(await self._call(self._compute_loss, request, timeout), request)
+
+    async def compute_gradient(
+        self,
+        loss: str,
+        predictions: Any,
+        targets: Any,
+        *,
+        reduction: str = "mean",
+        sample_weight: Any = None,
+        allow_nonfinite: bool = False,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> GradientResult:
+        """Compute a loss and its gradient; see :meth:`LossClient.compute_gradient`."""
+        request = compute_request(loss, predictions, targets, reduction, sample_weight,
+                                  allow_nonfinite, params)
+        return gradient_result(await self._call(self._compute_gradient, request, timeout),
+                               request)
+
+    async def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
+        """Return the server's catalog; see :meth:`LossClient.list_losses`."""
+        return loss_infos(await self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
+
+    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
+                    timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._timeout if timeout is None else timeout,
+                                metadata=self._settings.metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err

@@ -1,0 +1,213 @@
+"""Request building and response reading shared by LossClient and AsyncLossClient.
+
+Both clients turn their arguments into a :class:`ComputeRequest` with :func:`compute_request`,
+send it, and read the bytes that come back with :func:`loss_result` or
+:func:`gradient_result`; only the sending differs (blocking or awaited).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+
+from ._convert import from_tensor, to_tensor
+from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
+from ._wire import ComputeRequest, ComputeResponse, WireError, parse_response
+from .errors import InternalError, InvalidArgumentError
+
+_REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
+    "none": pb.REDUCTION_NONE,
+    "sum": pb.REDUCTION_SUM,
+    "mean": pb.REDUCTION_MEAN,
+}
+# LossParams fields by name: the keyword parameters of compute_loss/compute_gradient.
+_PARAM_FIELDS: dict[str, FieldDescriptor] = dict(pb.LossParams.DESCRIPTOR.fields_by_name)
+
+LIST_LOSSES_REQUEST = pb.ListLossesRequest()
+
+
+def loss_result(data: bytes, request: ComputeRequest) -> LossResult:
+    """Read a ComputeLoss response (its unparsed bytes)."""
+    response = _parse(data)
+    return LossResult(
+        loss=_loss_value(response, request.reduction),
+        positions=response.positions,
+        positions_counted=response.positions_counted,
+        weight_sum=response.weight_sum,
+    )
+
+
+def gradient_result(data: bytes, request: ComputeRequest) -> GradientResult:
+    """Read a ComputeGradient response (its unparsed bytes); the gradient views them."""
+    response = _parse(data)
+    return GradientResult(
+        loss=_loss_value(response, request.reduction),
+        gradient=from_tensor(response.gradient, "gradient"),
+        positions=response.positions,
+        positions_counted=response.positions_counted,
+        weight_sum=response.weight_sum,
+    )
+
+
+def loss_infos(response: pb.ListLossesResponse) -> list[LossInfo]:
+    """Read a ListLosses response."""
+    return [_loss_info(info) for info in response.losses]
+
+
+def _parse(data: bytes) -> ComputeResponse:
+    # Bytes come back unparsed, so that a malformed response is an InternalError that
+    # says what is wrong (a deserializer that raises gives a bare RpcError).
+    try:
+        return parse_response(data)
+    except WireError as err:
+        raise InternalError(f"malformed response from the server: {err}",
+                            field=err.field) from err
+
+
+def compute_request(
+    loss: str,
+    predictions: Any,
+    targets: Any,
+    reduction: str,
+    sample_weight: Any,
+    allow_nonfinite: bool,
+    params: Mapping[str, Any],
+) -> ComputeRequest:
+    """The fields that ComputeLossRequest and ComputeGradientRequest share; the tensors
+    view the arrays (the one copy is into the message)."""
+    if not isinstance(loss, str):
+        raise InvalidArgumentError(
+            f"loss: expected a loss name, got {type(loss).__name__}", field="loss")
+    code = _reduction(reduction)
+    loss_params = pb.LossParams()
+    _set_params(loss_params, params)
+    return ComputeRequest(
+        loss=loss,
+        reduction=code,
+        allow_nonfinite=bool(allow_nonfinite),
+        params=loss_params if loss_params.ListFields() else None,
+        predictions=to_tensor(predictions, "predictions"),
+        targets=to_tensor(targets, "targets"),
+        sample_weight=None if sample_weight is None else to_tensor(sample_weight,
+                                                                   "sample_weight"),
+    )
+
+
+def _reduction(value: str) -> pb.Reduction.ValueType:
+    code = _REDUCTIONS.get(value.lower()) if isinstance(value, str) else None
+    if code is None:
+        raise InvalidArgumentError(
+            f"reduction: unknown reduction {value!r}; expected one of "
+            + ", ".join(repr(name) for name in _REDUCTIONS),
+            reason="UNKNOWN_REDUCTION", field="reduction")
+    return code
+
+
+def _set_params(out: pb.LossParams, params: Mapping[str, Any]) -> None:
+    """Set each keyword on the LossParams field of the same name; None leaves it unset."""
+    for name, value in params.items():
+        descriptor = _PARAM_FIELDS.get(name)
+        if descriptor is None:
+            raise InvalidArgumentError(
+                f"params: unknown parameter {name!r}; valid parameters: "
+                + ", ".join(sorted(_PARAM_FIELDS)),
+                reason="UNKNOWN_PARAMETER", field=f"params.{name}")
+        if value is None:
+            continue
+        field = f"params.{name}"
+        if descriptor.is_repeated:
+            getattr(out, name).extend(_double_list(value, field))
+        elif descriptor.type == FieldDescriptor.TYPE_BOOL:
+            if not isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "a bool", value)
+            setattr(out, name, bool(value))
+        elif descriptor.type == FieldDescriptor.TYPE_INT64:
+            if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "an int", value)
+            if not -(2**63) <= int(value) < 2**63:
+                raise InvalidArgumentError(f"{field}: {value} is outside int64",
+                                           reason="PARAMETER_OUT_OF_RANGE", field=field)
+            setattr(out, name, int(value))
+        else:  # TYPE_DOUBLE
+            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "a number", value)
+            setattr(out, name, float(value))
+
+
+def _double_list(value: Any, field: str) -> list[float]:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise _type_error(field, "a sequence of numbers", value) from err
+    if array.ndim != 1:
+        raise _type_error(field, "a 1-D sequence of numbers", value)
+    values: list[float] = array.tolist()
+    return values
+
+
+def _type_error(field: str, expected: str, value: object) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{field}: expected {expected}, got {type(value).__name__}",
+                                reason="INVALID_ARGUMENT", field=field)
+
+
+def _loss_value(response: ComputeResponse, reduction: int) -> float | np.ndarray[Any, Any]:
+    if reduction == pb.REDUCTION_NONE:
+        return from_tensor(response.losses, "losses")
+    return float(response.loss)
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:  # a value newer than this client
+        return f"unknown_{value}"
+    return name.removeprefix(prefix).lower()
+
+
+def _input_info(spec: pb.InputSpec) -> InputInfo:
+    return InputInfo(
+        kind=_enum_name(pb.InputKind, spec.kind, "INPUT_KIND_"),
+        dtypes=tuple(_enum_name(pb.DataType, d, "DATA_TYPE_") for d in spec.dtypes),
+        description=spec.description,
+    )
+
+
+def _param_info(info: pb.ParamInfo) -> ParamInfo:
+    default: float | bool | int | None = None
+    if not info.optional:
+        if info.type == pb.PARAM_TYPE_DOUBLE:
+            default = info.default_double
+        elif info.type == pb.PARAM_TYPE_BOOL:
+            default = info.default_bool
+        elif info.type == pb.PARAM_TYPE_INT64:
+            default = info.default_int64
+    return ParamInfo(
+        name=info.name,
+        type=_enum_name(pb.ParamType, info.type, "PARAM_TYPE_"),
+        default=default,
+        optional=info.optional,
+        minimum=info.minimum if info.HasField("minimum") else None,
+        minimum_inclusive=info.minimum_inclusive,
+        maximum=info.maximum if info.HasField("maximum") else None,
+        maximum_inclusive=info.maximum_inclusive,
+        description=info.description,
+    )
+
+
+def _loss_info(info: pb.LossInfo) -> LossInfo:
+    return LossInfo(
+        name=info.name,
+        aliases=tuple(info.aliases),
+        description=info.description,
+        predictions=_input_info(info.predictions),
+        targets=_input_info(info.targets),
+        params=tuple(_param_info(p) for p in info.params),
+        class_axis_last=info.class_axis_last,
+        reference=info.reference,
+    )
+
