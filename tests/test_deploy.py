@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lossgrad.server import DEFAULT_GRACE_S
 from lossgrad_client import LossClient
 
@@ -220,8 +222,15 @@ def test_image_entrypoint_serves_from_the_baked_cache_and_stops_on_sigterm(
         # The process started is the server itself (exec), as PID 1 is in the container.
         if Path("/proc/self/exe").exists():
             assert Path(os.readlink(f"/proc/{process.pid}/exe")).name.startswith("python")
-        with LossClient(f"127.0.0.1:{ready.group(2)}", timeout=30.0) as client:
+        address = f"127.0.0.1:{ready.group(2)}"
+        with LossClient(address, timeout=30.0) as client:
             assert "mse" in {info.name for info in client.list_losses()}
+        # What the kubelet's probes ask: liveness on "", readiness on the service.
+        with grpc.insecure_channel(address) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for service in ("", "lossgrad.v1.LossService"):
+                reply = check(health_pb2.HealthCheckRequest(service=service), timeout=30.0)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=STOP_TIMEOUT_S) == 0
     finally:
