@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 def _compile() -> int:
     import numba
 
-    from . import engine  # importing compiles (or loads) every kernel
+    from . import engine  # warmup compiles (or loads) every kernel
 
     engine.warmup()
     print(f"lossgrad kernels are compiled and cached in {numba.config.CACHE_DIR}")

@@ -59,6 +59,7 @@ def compute(
     ``lossgrad.catalog``). Inputs are anything ``numpy.asarray`` takes. Raises
     ``InvalidArgumentError`` naming the field and the reason for bad input.
     """
+    nm.compile_kernels()  # once: the first call compiles every kernel
     batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
                     params)
     return _RUNNERS[batch.spec.name](batch, gradient)

@@ -1,7 +1,9 @@
 """Shared kernel machinery: decorators, float-generic vectorisable math, block sums.
 
-Drivers are compiled eagerly for float32 and float64 predictions (no per-call
-compilation), with ``nogil=True`` so gRPC worker threads run kernels side by side,
+Drivers are compiled for exactly float32 and float64 predictions (no per-call
+compilation) by :func:`compile_kernels`, which the engine runs before its first call (and
+``warmup`` at server start), not at import, so a server answers health probes while its
+kernels compile; with ``nogil=True`` so gRPC worker threads run kernels side by side,
 ``cache=True`` so a warm cache makes start-up fast, and ``error_model="numpy"`` so a
 division never raises. Element math runs in the predictions' float type with
 hand-written exp/log (PyPI's llvmlite has no SVML, so ``math.exp`` in a loop is a scalar
@@ -17,6 +19,7 @@ look for the offending value.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -47,15 +50,37 @@ def Out(dtype: Any, ndim: int = 1) -> nt.Array:  # noqa: N802
     return nt.Array(dtype, ndim, "C")
 
 
+# Kernels declared by ``kernel`` and not compiled yet, with their signatures.
+_PENDING: list[tuple[Any, list[Any]]] = []
+_COMPILE_LOCK = threading.Lock()
+
+
 def kernel(signature: Callable[[Any], Any], parallel: bool = False) -> Callable[..., Any]:
-    """Compile ``fn`` eagerly for each float type ``F`` given to ``signature(F)``."""
+    """Declare ``fn`` for each float type ``F`` given to ``signature(F)``; it is compiled
+    for those signatures only, by :func:`compile_kernels`."""
 
     def wrap(fn: Callable[..., Any]) -> Any:
-        sigs = [signature(F) for F in FLOATS]
-        return numba.njit(sigs, nogil=True, cache=True, error_model="numpy",
-                          parallel=parallel)(fn)
+        dispatcher = numba.njit(nogil=True, cache=True, error_model="numpy",
+                                parallel=parallel)(fn)
+        _PENDING.append((dispatcher, [signature(F) for F in FLOATS]))
+        return dispatcher
 
     return wrap
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's cache) every declared kernel for its signatures,
+    then refuse others, as ``numba.njit(signatures)`` does at import. Thread-safe; a
+    no-op once done."""
+    if not _PENDING:
+        return
+    with _COMPILE_LOCK:
+        while _PENDING:
+            dispatcher, sigs = _PENDING[0]
+            for sig in sigs:
+                dispatcher.compile(sig)
+            dispatcher.disable_compile()
+            _PENDING.pop(0)
 
 
 def inline(fn: Callable[..., Any]) -> Any:
