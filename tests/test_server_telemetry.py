@@ -87,9 +87,9 @@ def test_one_access_log_line_per_call_with_the_request_id(
         stub = pb_grpc.LossServiceStub(channel)
         _, call = stub.ListLosses.with_call(pb.ListLossesRequest(), timeout=30,
                                             metadata=(("x-request-id", "abc-123"),))
-        assert ("x-request-id", "abc-123") in call.initial_metadata()
+        assert ("x-request-id", "abc-123") in call.trailing_metadata()
         _, call = stub.ListLosses.with_call(pb.ListLossesRequest(), timeout=30)
-        generated = dict(call.initial_metadata())["x-request-id"]
+        generated = dict(call.trailing_metadata())["x-request-id"]
     records = [r for r in caplog.records if r.name == "lossgrad.access"]
     assert len(records) == 2
     fields = [r.fields for r in records]  # type: ignore[attr-defined]
@@ -140,3 +140,17 @@ def test_get_server_info_reports_the_configuration() -> None:
             info.limits.max_concurrent_rpcs) == (1 << 20, 10, 7)
     assert info.features.auth and not info.features.reflection and not info.features.metrics
     assert list(info.loss_statistics) == []
+
+
+@pytest.mark.e2e
+def test_request_id_comes_back_with_an_error_status_too(served: tuple[LossServer, str]) -> None:
+    _, address = served
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ComputeLoss(pb.ComputeLossRequest(loss="mse"), timeout=30,
+                             metadata=(("x-request-id", "err-42"),))
+    trailing = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert trailing["x-request-id"] == "err-42"
+    assert trailing["lossgrad-error-reason"] == "MISSING_FIELD"  # no predictions were sent

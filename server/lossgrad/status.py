@@ -61,15 +61,20 @@ def abort(context: grpc.ServicerContext, err: BaseException, method: str) -> NoR
         _log.exception("%s failed", method, exc_info=err)
         status = rpc_status.to_status(status_pb2.Status(
             code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_MESSAGE))
-        context.set_trailing_metadata(status.trailing_metadata)
+        context.set_trailing_metadata((*_kept(context), *status.trailing_metadata))
         context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         raise AssertionError("unreachable")  # context.abort raises
     status = rich_status(code, str(err), err.reason, err.field, err.message)
     context.set_trailing_metadata((
-        *status.trailing_metadata,
+        *_kept(context), *status.trailing_metadata,
         (REASON_KEY, _ascii(err.reason)), (FIELD_KEY, _ascii(err.field))))
     context.abort(code, str(err))
     raise AssertionError("unreachable")
+
+
+def _kept(context: grpc.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata already set for the call (the request id), kept on errors."""
+    return tuple(context.trailing_metadata() or ())
 
 
 def rich_status(code: grpc.StatusCode, message: str, reason: str, field: str,

@@ -114,7 +114,8 @@ class Telemetry:
 
 def _request_id(context: grpc.ServicerContext) -> str:
     """The caller's x-request-id (printable ASCII, at most 128 characters), or a new one;
-    sent back in the initial metadata."""
+    sent back in the trailing metadata (which goes out with the status, while initial
+    metadata would cost a send of its own: ~0.1 ms per call)."""
     found = None
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str):
@@ -122,7 +123,7 @@ def _request_id(context: grpc.ServicerContext) -> str:
                 found = value
             break
     request_id = found or uuid.uuid4().hex
-    context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     return request_id
 
 
