@@ -1,0 +1,81 @@
+"""The kernels' hand-written exp/log/log1p against NumPy in float64, in ulps of each type.
+
+They replace libm calls so that loops vectorise; every loss value rests on them.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from lossgrad.kernels._numerics import fexp_nonpositive, flog, flog1p_unit
+
+RNG = np.random.default_rng(3)
+
+
+@numba.njit
+def _apply_exp(a, out):  # type: ignore[no-untyped-def]
+    for i in range(a.size):
+        out[i] = fexp_nonpositive(a[i])
+
+
+@numba.njit
+def _apply_log(a, out):  # type: ignore[no-untyped-def]
+    for i in range(a.size):
+        out[i] = flog(a[i])
+
+
+@numba.njit
+def _apply_log1p(a, out):  # type: ignore[no-untyped-def]
+    for i in range(a.size):
+        out[i] = flog1p_unit(a[i])
+
+
+def _run(fn, a: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    out = np.empty_like(a)
+    fn(a, out)
+    return out
+
+
+def _ulps(got: np.ndarray, want: np.ndarray, dtype: type) -> float:
+    """Error in units of the last place of ``dtype`` at the reference value."""
+    spacing = np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+    return float(np.max(np.abs(got.astype(np.float64) - want) / spacing))
+
+
+@pytest.mark.parametrize(("dtype", "low"), [(np.float32, -87.3), (np.float64, -708.3)])
+def test_exp_of_nonpositive_arguments(dtype: type, low: float) -> None:
+    a = np.concatenate([RNG.uniform(low, 0.0, 200_000), RNG.uniform(-1e-3, 0.0, 1000)])
+    a = a.astype(dtype)
+    assert _ulps(_run(_apply_exp, a), np.exp(a.astype(np.float64)), dtype) <= 1.5
+    special = np.array([0.0, -0.0, -1e4, -np.inf, np.nan], dtype=dtype)
+    got = _run(_apply_exp, special)
+    assert got[:4].tolist() == [1.0, 1.0, 0.0, 0.0] and np.isnan(got[4])
+
+
+@pytest.mark.parametrize(("dtype", "span"), [(np.float32, 87.0), (np.float64, 700.0)])
+def test_log(dtype: type, span: float) -> None:
+    a = np.exp(RNG.uniform(-span, span, 200_000)).astype(dtype)
+    a = np.concatenate([a, (1.0 + RNG.uniform(-1e-3, 1e-3, 1000)).astype(dtype)])
+    want = np.log(a.astype(np.float64))
+    got = _run(_apply_log, a)
+    # near log = 0 an absolute bound in ulps of 1 is the meaningful one
+    far = np.abs(want) > 0.5
+    assert _ulps(got[far], want[far], dtype) <= 2.0
+    assert np.max(np.abs(got[~far] - want[~far])) <= 2.0 * np.finfo(dtype).eps
+    tiny = np.finfo(dtype).smallest_subnormal
+    special = np.array([0.0, -1.0, np.inf, np.nan, tiny], dtype=dtype)
+    got = _run(_apply_log, special)
+    assert got[0] == -np.inf and np.isnan(got[1]) and got[2] == np.inf and np.isnan(got[3])
+    assert got[4] == pytest.approx(np.log(float(tiny)), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log1p_on_the_unit_interval(dtype: type) -> None:
+    a = np.concatenate([RNG.uniform(0.0, 1.0, 200_000),
+                        np.exp(RNG.uniform(-80.0, 0.0, 20_000))]).astype(dtype)
+    bound = 2.0 if dtype is np.float32 else 3.0  # float64: log(1 + u) plus a correction
+    assert _ulps(_run(_apply_log1p, a), np.log1p(a.astype(np.float64)), dtype) <= bound
+    ends = _run(_apply_log1p, np.array([0.0, 1.0], dtype=dtype))
+    assert ends[0] == 0.0
+    assert ends[1] == pytest.approx(np.log(2.0), rel=2 * float(np.finfo(dtype).eps))
