@@ -173,7 +173,7 @@ def test_max_message_bytes_is_resource_exhausted(
 def test_max_concurrent_rpcs_refuses_the_extra_call(
     start: Callable[..., tuple[LossServer, str]],
 ) -> None:
-    _, address = start(max_concurrent_rpcs=1, max_workers=2)
+    server, address = start(max_concurrent_rpcs=1, max_workers=2)
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2_000_000, 4)).astype(np.float64)
     labels = rng.integers(0, 4, size=2_000_000)
@@ -202,6 +202,10 @@ def test_max_concurrent_rpcs_refuses_the_extra_call(
                     stub.ListLosses(pb.ListLossesRequest(), timeout=30)
                 except grpc.RpcError as err:
                     assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "limit of 1 concurrent calls" in err.details()
+                    assert _reason(err) == "TOO_MANY_CONCURRENT_CALLS"
+                    # probes are never refused, however busy the server is
+                    assert _check(channel, SERVICE) == SERVING
                     refused = True
                     break
                 time.sleep(0.005)
@@ -209,6 +213,48 @@ def test_max_concurrent_rpcs_refuses_the_extra_call(
         worker.join(120)
     assert outcomes == ["ok"]
     assert refused, "no call was refused while the slow one ran"
+    assert server.telemetry.registry.get_sample_value(
+        "lossgrad_refused_calls_total",
+        {"method": "/lossgrad.v1.LossService/ListLosses",
+         "reason": "TOO_MANY_CONCURRENT_CALLS"}) >= 1
+
+
+def _reason(err: grpc.RpcError) -> str:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return str(info.reason)
+
+
+@pytest.mark.e2e
+def test_calls_cancelled_while_queued_give_their_slot_back(
+    start: Callable[..., tuple[LossServer, str]],
+) -> None:
+    """A call that waits in the pool's queue and is cancelled there still ends its task,
+    so the limit's count comes back to zero and the full limit is usable afterwards."""
+    _, address = start(max_concurrent_rpcs=4, max_workers=1)
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1_000_000, 4))
+    labels = rng.integers(0, 4, size=1_000_000)
+    request = pb.ComputeGradientRequest(
+        loss="sparse_categorical_cross_entropy", predictions=_tensor(logits),
+        targets=_tensor(labels), params=pb.LossParams(from_logits=True))
+    with grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", 1 << 28),
+            ("grpc.max_receive_message_length", 1 << 28)]) as channel:
+        stub = pb_grpc.LossServiceStub(channel)
+        for _ in range(3):
+            calls = [stub.ComputeGradient.future(request, timeout=60) for _ in range(4)]
+            time.sleep(0.05)
+            for call in calls[1:]:  # queued behind the first on the only worker
+                call.cancel()
+            assert calls[0].result().gradient.shape == [1_000_000, 4]
+        # all four slots are free again: four calls at once are admitted
+        small = pb.ComputeLossRequest(loss="mse", predictions=_tensor(np.ones(3)),
+                                      targets=_tensor(np.ones(3)))
+        results = [stub.ComputeLoss.future(small, timeout=30) for _ in range(4)]
+        assert [r.result().loss for r in results] == [0.0] * 4
 
 
 # --- deadlines --------------------------------------------------------------------------------

@@ -83,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                             f"(env {_ENV_MAX_ELEMENTS}; default %(default)s)")
     serve.add_argument("--max-concurrent-rpcs", type=_non_negative_int,
                        default=env(_ENV_MAX_CONCURRENT_RPCS, "0"),
-                       help="most calls in progress or queued, health checks included; more "
-                            "get RESOURCE_EXHAUSTED; 0 for no limit "
+                       help="most calls in progress or queued; more get RESOURCE_EXHAUSTED "
+                            "(health checks count but are never refused); 0 for no limit "
                             f"(env {_ENV_MAX_CONCURRENT_RPCS}; default %(default)s)")
     serve.add_argument("--max-connection-age-seconds", type=_non_negative_float,
                        default=env(_ENV_MAX_CONNECTION_AGE, f"{DEFAULT_MAX_CONNECTION_AGE_S:g}"),

@@ -40,6 +40,7 @@ class DeadlineExceededError(LossgradError):
 
 # Stable reasons carried by ResourceExhaustedError.
 TOO_MANY_ELEMENTS = "TOO_MANY_ELEMENTS"
+TOO_MANY_CONCURRENT_CALLS = "TOO_MANY_CONCURRENT_CALLS"
 
 # Stable reasons carried by InvalidArgumentError.
 UNKNOWN_LOSS = "UNKNOWN_LOSS"

@@ -27,6 +27,8 @@ from prometheus_client import start_http_server
 
 from . import __version__, engine, wire
 from .auth import TokenAuthInterceptor
+from .concurrency import CallCountingExecutor, ConcurrencyLimitInterceptor
+from .errors import TOO_MANY_CONCURRENT_CALLS
 from .service import SERVICE_NAME, SUPPORTED_DTYPES, LossService, method_handlers
 from .telemetry import Telemetry
 
@@ -244,12 +246,16 @@ def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None
     if max_connection_age_s is not None:  # clients reconnect, and so re-resolve the name
         options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(CONNECTION_AGE_GRACE_S * 1000))]
-    interceptors = [] if auth_token is None else [TokenAuthInterceptor(auth_token)]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lossgrad"),
-        interceptors=interceptors, options=options,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
-    )
+    pool = CallCountingExecutor(max_workers=max_workers, thread_name_prefix="lossgrad")
+    interceptors: list[grpc.ServerInterceptor] = []
+    if auth_token is not None:
+        interceptors.append(TokenAuthInterceptor(auth_token))
+    if max_concurrent_rpcs is not None:
+        refused = telemetry.refused
+        interceptors.append(ConcurrencyLimitInterceptor(
+            max_concurrent_rpcs, pool,
+            lambda method: refused.labels(method, TOO_MANY_CONCURRENT_CALLS).inc()))
+    server = grpc.server(pool, interceptors=interceptors, options=options)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             telemetry.observe(name, handler.unary_unary),

@@ -54,6 +54,9 @@ class Telemetry:
                              ("method", "loss"), registry=self.registry)
         self.in_flight = Gauge("lossgrad_in_flight_requests", "Calls being handled now",
                                ("method",), registry=self.registry)
+        self.refused = Counter("lossgrad_refused_calls",
+                               "Calls refused before a handler ran, by method and reason",
+                               ("method", "reason"), registry=self.registry)
         self._lock = threading.Lock()
         self._calls: dict[str, int] = {}
         self._failures: dict[str, int] = {}
