@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -17,7 +18,7 @@ import pytest
 from lossgrad import LOSSES
 from lossgrad.cli import main
 from lossgrad.server import create_server
-from lossgrad_client import LossClient, ResourceExhaustedError
+from lossgrad_client import InvalidArgumentError, LossClient, ResourceExhaustedError
 
 # The first start may compile every kernel (numba caches them for later starts).
 READY_TIMEOUT_S = 300.0
@@ -55,6 +56,19 @@ def test_bad_environment_value_is_a_usage_error(
         main(["serve"])
     assert info.value.code == 2
     assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "flag"), [("LOSSGRAD_LOG_FORMAT", "--log-format"),
+                                            ("LOSSGRAD_ACCESS_LOG", "--access-log")])
+def test_bad_environment_choice_is_a_usage_error(
+    name: str, flag: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, "bogus")
+    with pytest.raises(SystemExit) as info:
+        main(["serve"])
+    assert info.value.code == 2
+    assert f"{flag}: must be one of" in capsys.readouterr().err
 
 
 # --- serve in a subprocess -------------------------------------------------------------------
@@ -134,6 +148,27 @@ def test_serve_reads_its_options_from_the_environment(start: Callable[..., Serve
             client.compute_loss("mse", [0.0] * 10_000, [0.0] * 10_000)
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(STOP_TIMEOUT_S) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("access_log", "logged"), [(None, ["INVALID_ARGUMENT"]),
+                                                    ("all", ["OK", "INVALID_ARGUMENT"]),
+                                                    ("off", [])])
+def test_access_log_choice(access_log: str | None, logged: list[str],
+                           start: Callable[..., Served], tmp_path: Path) -> None:
+    """By default only failed calls get an access line; `all` logs every call."""
+    env = {} if access_log is None else {"LOSSGRAD_ACCESS_LOG": access_log}
+    served = start("--log-format", "json", env=env)
+    with LossClient(served.address, timeout=60) as client:
+        client.compute_loss("mse", [1.0], [1.0])
+        with pytest.raises(InvalidArgumentError):
+            client.compute_loss("mse", [1.0], [1.0, 2.0])
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(STOP_TIMEOUT_S) == 0
+    lines = [json.loads(line) for line in (tmp_path / "stderr-0.log").read_text().splitlines()]
+    access = [line for line in lines if line["logger"] == "lossgrad.access"]
+    assert [line["code"] for line in access] == logged
+    assert all(line["level"] == "WARNING" for line in access if line["code"] != "OK")
 
 
 @pytest.mark.e2e

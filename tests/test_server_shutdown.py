@@ -64,7 +64,8 @@ def test_sigterm_drains_the_call_in_flight_and_exits_0(tmp_path: Path) -> None:
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lossgrad", "serve", "--port", "0", "--max-workers", "2",
-             "--health-port", str(health_port), "--grace", "60", "--log-format", "json"],
+             "--health-port", str(health_port), "--grace", "60", "--log-format", "json",
+             "--access-log", "all"],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ))
     try:
         port = _ready_port(proc, log)

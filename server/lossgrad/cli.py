@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import catalog
 from .auth import read_token_file
@@ -37,6 +37,9 @@ _ENV_TLS_CLIENT_CA = "LOSSGRAD_TLS_CLIENT_CA"
 _ENV_AUTH_TOKEN_FILE = "LOSSGRAD_AUTH_TOKEN_FILE"
 _ENV_METRICS_PORT = "LOSSGRAD_METRICS_PORT"
 _ENV_LOG_FORMAT = "LOSSGRAD_LOG_FORMAT"
+_ENV_ACCESS_LOG = "LOSSGRAD_ACCESS_LOG"
+# --access-log choice -> level of the lossgrad.access logger (failed calls log at WARNING)
+_ACCESS_LOG_LEVELS = {"all": logging.INFO, "errors": logging.WARNING, "off": logging.CRITICAL}
 _TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -118,10 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=_port, default=env(_ENV_METRICS_PORT, "0"),
                        help="serve Prometheus metrics over HTTP at /metrics on this port; 0 "
                             f"for off (env {_ENV_METRICS_PORT}; default %(default)s)")
-    serve.add_argument("--log-format", choices=("text", "json"),
+    serve.add_argument("--log-format", choices=("text", "json"), type=_one_of("text", "json"),
                        default=env(_ENV_LOG_FORMAT, "text"),
                        help="log lines, one per call and per event, as text or JSON objects "
                             f"(env {_ENV_LOG_FORMAT}; default %(default)s)")
+    serve.add_argument("--access-log", choices=tuple(_ACCESS_LOG_LEVELS),
+                       type=_one_of(*_ACCESS_LOG_LEVELS),
+                       default=env(_ENV_ACCESS_LOG, "errors"),
+                       help="which calls get an access log line: every call, failed calls "
+                            f"only, or none (env {_ENV_ACCESS_LOG}; default %(default)s)")
     commands.add_parser("losses", help="print the loss catalog")
     commands.add_parser(
         "compile", help="compile every kernel into numba's cache and warm it",
@@ -149,6 +157,17 @@ def _int(text: str, low: int, high: int | None = None) -> int:
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
     return value
+
+
+def _one_of(*names: str) -> Callable[[str], str]:
+    """A converter that accepts only ``names``: argparse checks ``choices`` on the command
+    line but not on a default, which here may come from an environment variable."""
+    def convert(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(
+                f"must be one of {', '.join(names)}, got {text!r}")
+        return text
+    return convert
 
 
 def _port(text: str) -> int:
@@ -196,6 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     handler.setFormatter(JsonFormatter() if args.log_format == "json"
                          else logging.Formatter(_TEXT_LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("lossgrad.access").setLevel(_ACCESS_LOG_LEVELS[args.access_log])
 
     def ready(host: str, port: int) -> None:
         print(f"lossgrad serving on {host}:{port}", flush=True)

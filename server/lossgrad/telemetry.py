@@ -1,6 +1,11 @@
 """Metrics and access logs of every RPC: Prometheus counters, histograms and gauges, one
 log line per call with its request id, and per-loss call counts for GetServerInfo.
 
+Access lines go to the ``lossgrad.access`` logger, at INFO for a call that succeeded and at
+WARNING for one that failed, so that the logger's level chooses between every call, failed
+calls only (``lossgrad serve``'s default: a line per call costs about as much as the
+metrics and the handler together at small sizes), or none.
+
 :meth:`Telemetry.observe` wraps a unary handler. Labels are bounded: ``method`` is one of
 the service's methods, ``loss`` a catalog name (``unknown`` for a name the catalog does not
 know, empty for calls without one) and ``code`` a gRPC status code name.
@@ -14,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from lossgrad_client._wire import ComputeRequest
@@ -60,6 +65,7 @@ class Telemetry:
         self._lock = threading.Lock()
         self._calls: dict[str, int] = {}
         self._failures: dict[str, int] = {}
+        self._series: dict[tuple[str, str, grpc.StatusCode], _Series] = {}
 
     def loss_counts(self) -> dict[str, tuple[int, int]]:
         """(calls, failed calls) by catalog loss name, since the server started."""
@@ -94,25 +100,45 @@ class Telemetry:
 
     def _record(self, method: str, loss: str, code: grpc.StatusCode, elapsed: float,
                 elements: int, nbytes: int, request_id: str) -> None:
-        self.requests.labels(method, loss, code.name).inc()
-        if code is not grpc.StatusCode.OK:
-            self.errors.labels(method, loss, code.name).inc()
-        self.latency.labels(method, loss).observe(elapsed)
+        key = (method, loss, code)
+        series = self._series.get(key)
+        if series is None:  # labels() costs microseconds; the label sets are few
+            series = self._series.setdefault(key, _Series(
+                self.requests.labels(method, loss, code.name),
+                None if code is grpc.StatusCode.OK else
+                self.errors.labels(method, loss, code.name),
+                self.latency.labels(method, loss), self.elements.labels(method, loss),
+                self.bytes.labels(method, loss)))
+        series.requests.inc()
+        if series.errors is not None:
+            series.errors.inc()
+        series.latency.observe(elapsed)
         if elements:
-            self.elements.labels(method, loss).inc(elements)
-            self.bytes.labels(method, loss).inc(nbytes)
+            series.elements.inc(elements)
+            series.bytes.inc(nbytes)
         if loss:
             with self._lock:
                 self._calls[loss] = self._calls.get(loss, 0) + 1
                 if code is not grpc.StatusCode.OK:
                     self._failures[loss] = self._failures.get(loss, 0) + 1
-        if _access.isEnabledFor(logging.INFO):
+        level = logging.INFO if code is grpc.StatusCode.OK else logging.WARNING
+        if _access.isEnabledFor(level):
             fields = {"request_id": request_id, "method": method, "loss": loss,
                       "code": code.name, "elapsed_ms": round(elapsed * 1000, 3),
                       "elements": elements}
-            _access.info("%s %s %s %.3f ms %d elements request_id=%s", method, loss or "-",
-                         code.name, elapsed * 1000, elements, request_id,
-                         extra={"fields": fields})
+            _access.log(level, "%s %s %s %.3f ms %d elements request_id=%s", method,
+                        loss or "-", code.name, elapsed * 1000, elements, request_id,
+                        extra={"fields": fields})
+
+
+class _Series(NamedTuple):
+    """The metric children of one (method, loss, code)."""
+
+    requests: Any
+    errors: Any
+    latency: Any
+    elements: Any
+    bytes: Any
 
 
 def _request_id(context: grpc.ServicerContext) -> str:
