@@ -1,0 +1,52 @@
+"""Each example in examples/ trains over the network against a real server and learns.
+
+The examples run as their own processes, as a user runs them, with the session server's
+address as their argument; each exits non-zero when its model did not learn, which a run
+with no training steps checks (for the NumPy example: a PyTorch process takes seconds to
+start, and the check is the same few lines).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# example file -> what its run prints when the model learned
+LEARNED = {
+    "torch_training.py": "learned: loss < 0.1 and accuracy > 0.9",
+    "numpy_logistic_regression.py": "learned: loss < 0.35 and accuracy > 0.9",
+}
+
+
+def _run(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNED))
+def test_example_learns(server_address: str, name: str) -> None:
+    done = _run(name, server_address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert LEARNED[name] in done.stdout
+    losses = [float(line.split("loss ")[1].split(",")[0])
+              for line in done.stdout.splitlines() if "loss " in line and "<" not in line]
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_example_without_training_fails_its_check(server_address: str) -> None:
+    done = _run("numpy_logistic_regression.py", server_address, "--steps", "0")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "did not learn" in done.stderr
+
+
+def test_every_example_is_listed() -> None:
+    readme = (EXAMPLES / "README.md").read_text()
+    for path in EXAMPLES.glob("*.py"):
+        assert f"`{path.name}`" in readme, path.name
