@@ -55,13 +55,10 @@ def main() -> int:
                                     from_logits=True).loss
 
     accuracy = float(np.mean((logits > 0) == (labels > 0.5)))
-    print(f"final loss {final:.4f}, accuracy {accuracy:.3f}")
-    if final < TARGET_LOSS and accuracy > TARGET_ACCURACY:
-        print(f"learned: loss < {TARGET_LOSS} and accuracy > {TARGET_ACCURACY}")
-        return 0
-    print(f"did not learn: wanted loss < {TARGET_LOSS} and accuracy > {TARGET_ACCURACY}",
-          file=sys.stderr)
-    return 1
+    learned = final < TARGET_LOSS and accuracy > TARGET_ACCURACY
+    print(f"{'learned' if learned else 'did not learn'}: final loss {final:.4f} "
+          f"(target < {TARGET_LOSS}), accuracy {accuracy:.3f} (target > {TARGET_ACCURACY})")
+    return 0 if learned else 1
 
 
 if __name__ == "__main__":

@@ -63,13 +63,10 @@ def main() -> int:
             final = criterion(logits, labels).item()
         accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
 
-    print(f"final loss {final:.4f}, accuracy {accuracy:.3f}")
-    if final < TARGET_LOSS and accuracy > TARGET_ACCURACY:
-        print(f"learned: loss < {TARGET_LOSS} and accuracy > {TARGET_ACCURACY}")
-        return 0
-    print(f"did not learn: wanted loss < {TARGET_LOSS} and accuracy > {TARGET_ACCURACY}",
-          file=sys.stderr)
-    return 1
+    learned = final < TARGET_LOSS and accuracy > TARGET_ACCURACY
+    print(f"{'learned' if learned else 'did not learn'}: final loss {final:.4f} "
+          f"(target < {TARGET_LOSS}), accuracy {accuracy:.3f} (target > {TARGET_ACCURACY})")
+    return 0 if learned else 1
 
 
 if __name__ == "__main__":

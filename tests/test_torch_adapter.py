@@ -217,6 +217,9 @@ def test_server_errors_are_the_clients_typed_exceptions(client: LossClient) -> N
     with pytest.raises(InvalidArgumentError) as info:
         RemoteLoss(client, "mse")(x.detach().numpy(), x.detach())  # type: ignore[arg-type]
     assert info.value.field == "predictions"
+    with pytest.raises(InvalidArgumentError) as info:
+        RemoteLoss(client, "mse", targets=x)
+    assert (info.value.reason, info.value.field) == ("UNKNOWN_PARAMETER", "params.targets")
 
 
 def test_training_loop_converges(client: LossClient) -> None:

@@ -30,7 +30,7 @@ backward with ``create_graph=True`` (second derivatives) raises. Without grad mo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = ["AsyncRemoteLoss", "RemoteLoss"]
 # float16 and bfloat16 travel as float32 (the service computes in float32/float64); the
 # loss and the gradient come back in the predictions' dtype.
 _WIRE_FLOATS = (torch.float32, torch.float64)
+_TENSOR_ARGUMENTS = frozenset(("predictions", "targets", "sample_weight"))
 
 
 class RemoteLoss(torch.nn.Module):
@@ -73,23 +74,16 @@ class RemoteLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.client = client
-        self.loss = loss
-        self.reduction = reduction
-        self.allow_nonfinite = allow_nonfinite
-        self.timeout = timeout
-        self.params = dict(params)
+        self.settings = _Settings(loss, reduction, allow_nonfinite, timeout, dict(params))
 
     def forward(self, predictions: torch.Tensor, targets: Any,
                 sample_weight: Any = None) -> torch.Tensor:
         call = _Call(predictions, targets, sample_weight)
         method = self.client.compute_gradient if call.wants_grad else self.client.compute_loss
-        result = method(self.loss, call.predictions, call.targets, reduction=self.reduction,
-                        sample_weight=call.sample_weight, allow_nonfinite=self.allow_nonfinite,
-                        timeout=self.timeout, **self.params)
-        return call.output(result)
+        return call.output(method(**self.settings.arguments(call)))
 
     def extra_repr(self) -> str:
-        return _describe(self.loss, self.reduction, self.params)
+        return str(self.settings)
 
 
 class AsyncRemoteLoss:
@@ -112,24 +106,44 @@ class AsyncRemoteLoss:
         **params: Any,
     ) -> None:
         self.client = client
-        self.loss = loss
-        self.reduction = reduction
-        self.allow_nonfinite = allow_nonfinite
-        self.timeout = timeout
-        self.params = dict(params)
+        self.settings = _Settings(loss, reduction, allow_nonfinite, timeout, dict(params))
 
     async def __call__(self, predictions: torch.Tensor, targets: Any,
                        sample_weight: Any = None) -> torch.Tensor:
         call = _Call(predictions, targets, sample_weight)
         method = self.client.compute_gradient if call.wants_grad else self.client.compute_loss
-        result = await method(self.loss, call.predictions, call.targets,
-                              reduction=self.reduction, sample_weight=call.sample_weight,
-                              allow_nonfinite=self.allow_nonfinite, timeout=self.timeout,
-                              **self.params)
-        return call.output(result)
+        return call.output(await method(**self.settings.arguments(call)))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_describe(self.loss, self.reduction, self.params)})"
+        return f"{type(self).__name__}({self.settings})"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a remote loss sends with every call besides the tensors."""
+
+    loss: str
+    reduction: str
+    allow_nonfinite: bool
+    timeout: float | None
+    params: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        for name in _TENSOR_ARGUMENTS.intersection(self.params):
+            raise InvalidArgumentError(
+                f"params: unknown parameter {name!r}; the tensors are the call's arguments",
+                reason="UNKNOWN_PARAMETER", field=f"params.{name}")
+
+    def arguments(self, call: _Call) -> dict[str, Any]:
+        """Keyword arguments of ``compute_gradient``/``compute_loss`` for ``call``."""
+        return {"loss": self.loss, "predictions": call.predictions, "targets": call.targets,
+                "sample_weight": call.sample_weight, "reduction": self.reduction,
+                "allow_nonfinite": self.allow_nonfinite, "timeout": self.timeout,
+                **self.params}
+
+    def __str__(self) -> str:
+        return ", ".join([repr(self.loss), f"reduction={self.reduction!r}",
+                          *(f"{name}={value!r}" for name, value in self.params.items())])
 
 
 class _Call:
@@ -230,8 +244,3 @@ def _host_array(value: Any, field: str) -> Any:
 
 def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
     return torch.float64 if dtype == np.float64 else torch.float32
-
-
-def _describe(loss: str, reduction: str, params: Mapping[str, Any]) -> str:
-    return ", ".join([repr(loss), f"reduction={reduction!r}",
-                      *(f"{name}={value!r}" for name, value in params.items())])
