@@ -176,6 +176,16 @@ def test_gradients_accumulate_over_backward_calls(client: LossClient) -> None:
     torch.testing.assert_close(x.grad, 4.0 * 2.0 * (x - y).detach() / x.numel())
 
 
+def test_non_contiguous_predictions(client: LossClient) -> None:
+    base, y = _values(torch.Generator().manual_seed(11))
+    base.requires_grad_(True)
+    RemoteLoss(client, "huber", delta=0.5)(base.t(), y.t()).backward()  # a strided view
+    remote = base.grad
+    base.grad = None
+    torch.nn.HuberLoss(delta=0.5)(base.t(), y.t()).backward()
+    torch.testing.assert_close(remote, base.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_without_grad_is_a_plain_loss(client: LossClient) -> None:
     x, y = _values(torch.Generator().manual_seed(5))
     x.requires_grad_(True)
