@@ -31,6 +31,7 @@ _ENV_MAX_CONNECTION_AGE = "LOSSGRAD_MAX_CONNECTION_AGE_SECONDS"
 _ENV_GRACE = "LOSSGRAD_GRACE_SECONDS"
 _ENV_HEALTH_PORT = "LOSSGRAD_HEALTH_PORT"
 _ENV_REFLECTION = "LOSSGRAD_REFLECTION"
+_ENV_KSERVE = "LOSSGRAD_KSERVE"
 _ENV_TLS_CERT = "LOSSGRAD_TLS_CERT"
 _ENV_TLS_KEY = "LOSSGRAD_TLS_KEY"
 _ENV_TLS_CLIENT_CA = "LOSSGRAD_TLS_CLIENT_CA"
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         if args.reflection is None:
             args.reflection = _env_bool(parser, _ENV_REFLECTION, True)
+        if args.kserve is None:
+            args.kserve = _env_bool(parser, _ENV_KSERVE, True)
         return _serve(args)
     if args.command == "losses":
         sys.stdout.write(format_catalog(catalog.LOSSES))
@@ -106,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
                        default=None,
                        help="serve gRPC reflection, for grpcurl and other tools "
                             f"(env {_ENV_REFLECTION}=0/1; default on)")
+    serve.add_argument("--kserve", action=argparse.BooleanOptionalAction, default=None,
+                       help="also serve the Open Inference Protocol (KServe v2) gRPC API, "
+                            "inference.GRPCInferenceService, for tritonclient and "
+                            f"perf_analyzer (env {_ENV_KSERVE}=0/1; default on)")
     serve.add_argument("--tls-cert", default=env(_ENV_TLS_CERT),
                        help="PEM certificate chain: serve TLS instead of plaintext "
                             f"(env {_ENV_TLS_CERT}; needs --tls-key)")
@@ -227,7 +234,7 @@ def _serve(args: argparse.Namespace) -> int:
               max_concurrent_rpcs=args.max_concurrent_rpcs or None,
               max_connection_age_s=args.max_connection_age_seconds or None,
               health_port=args.health_port or None, reflection=args.reflection,
-              metrics_port=args.metrics_port or None,
+              metrics_port=args.metrics_port or None, kserve_api=args.kserve,
               tls=tls, auth_token=token, grace=args.grace, on_ready=ready)
     except OSError as err:
         print(f"lossgrad: {err}", file=sys.stderr)

@@ -38,6 +38,13 @@ class DeadlineExceededError(LossgradError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class NotFoundError(LossgradError):
+    """The request names something the server does not have (a model of the Open
+    Inference Protocol API)."""
+
+    reason = "NOT_FOUND"
+
+
 # Stable reasons carried by ResourceExhaustedError.
 TOO_MANY_ELEMENTS = "TOO_MANY_ELEMENTS"
 TOO_MANY_CONCURRENT_CALLS = "TOO_MANY_CONCURRENT_CALLS"
@@ -58,3 +65,7 @@ VALUE_OUT_OF_RANGE = "VALUE_OUT_OF_RANGE"
 NONFINITE_INPUT = "NONFINITE_INPUT"
 UNKNOWN_REDUCTION = "UNKNOWN_REDUCTION"
 MALFORMED_REQUEST = "MALFORMED_REQUEST"
+# Open Inference Protocol (KServe v2) API: NotFoundError for a model, InvalidArgumentError
+# for an input or output name the model does not have.
+UNKNOWN_MODEL = "UNKNOWN_MODEL"
+UNKNOWN_TENSOR = "UNKNOWN_TENSOR"

@@ -25,7 +25,7 @@ from grpc_health.v1.health import HealthServicer
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from prometheus_client import start_http_server
 
-from . import __version__, engine, wire
+from . import __version__, engine, kserve, wire
 from .auth import TokenAuthInterceptor
 from .concurrency import CallCountingExecutor, ConcurrencyLimitInterceptor
 from .errors import TOO_MANY_CONCURRENT_CALLS
@@ -157,6 +157,7 @@ def create_server(
     tls: TlsConfig | None = None,
     auth_token: str | None = None,
     warm: bool = True,
+    kserve_api: bool = True,
 ) -> tuple[LossServer, int]:
     """Start a LossService server on ``host:port`` and return it with the bound port.
 
@@ -167,7 +168,8 @@ def create_server(
     for probes that cannot do TLS; it listens while the kernels warm. ``metrics_port``
     (0 for a free one) serves Prometheus metrics over HTTP at ``/metrics``. ``None``
     limits mean no limit; ``max_connection_age_s=None`` keeps connections open. The
-    caller stops the server with ``server.stop(grace)``.
+    caller stops the server with ``server.stop(grace)``. ``kserve_api`` also serves the
+    Open Inference Protocol (``inference.GRPCInferenceService``) on the same port.
     """
     for name, value in (("port", port), ("health_port", health_port),
                         ("metrics_port", metrics_port)):
@@ -205,13 +207,14 @@ def create_server(
             features=pb.ServerFeatures(
                 reflection=reflection, tls=tls is not None,
                 mutual_tls=tls is not None and tls.client_ca is not None,
-                auth=auth_token is not None, metrics=metrics_port is not None),
+                auth=auth_token is not None, metrics=metrics_port is not None,
+                kserve=kserve_api),
             telemetry=telemetry)
         server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
                         max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,
                         max_connection_age_s=max_connection_age_s, reflection=reflection,
                         health=health, telemetry=telemetry, server_info=info,
-                        auth_token=auth_token)
+                        auth_token=auth_token, kserve_api=kserve_api)
         bound = _bind(server, host, port, tls)
         if metrics_port is not None:
             try:
@@ -236,7 +239,7 @@ def create_server(
 def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None,
            max_concurrent_rpcs: int | None, max_connection_age_s: float | None,
            reflection: bool, health: HealthServicer, telemetry: Telemetry,
-           server_info: ServerInfo, auth_token: str | None) -> grpc.Server:
+           server_info: ServerInfo, auth_token: str | None, kserve_api: bool) -> grpc.Server:
     options: list[tuple[str, int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -267,11 +270,42 @@ def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    services = [SERVICE_NAME, HEALTH_SERVICE_NAME, grpc_reflection.SERVICE_NAME]
+    if kserve_api:
+        _add_kserve(server, health, telemetry, max_elements)
+        services.append(kserve.SERVICE_NAME)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if reflection:
-        grpc_reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, grpc_reflection.SERVICE_NAME), server)
+        grpc_reflection.enable_server_reflection(services, server)
     return server
+
+
+def _add_kserve(server: grpc.Server, health: HealthServicer, telemetry: Telemetry,
+                max_elements: int | None) -> None:
+    """Register inference.GRPCInferenceService; it is ready when lossgrad.v1.LossService
+    is SERVING in ``health`` (kernels warmed, not shutting down)."""
+    readiness = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+
+    def ready() -> bool:
+        # The service is always registered in ``health``, so Check needs no context.
+        return bool(health.Check(readiness, None).status
+                    == health_pb2.HealthCheckResponse.SERVING)
+
+    service = kserve.InferenceService(ready=ready, max_elements=max_elements)
+    handlers = {name: _observed(telemetry, name, handler)
+                for name, handler in kserve.method_handlers(service).items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(kserve.SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(kserve.SERVICE_NAME, handlers)
+
+
+def _observed(telemetry: Telemetry, name: str,
+              handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A unary handler whose calls are measured and logged."""
+    return grpc.unary_unary_rpc_method_handler(
+        telemetry.observe(name, handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 @dataclass(frozen=True)

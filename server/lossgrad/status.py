@@ -28,6 +28,7 @@ from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     LossgradError,
+    NotFoundError,
     ResourceExhaustedError,
 )
 
@@ -39,6 +40,7 @@ STATUS_CODES: dict[type[LossgradError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
 }
 
 INTERNAL_MESSAGE = "internal error; see the server log"

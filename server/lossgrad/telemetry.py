@@ -26,6 +26,7 @@ from lossgrad_client._wire import ComputeRequest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import catalog
+from ._proto.inference import grpc_predict_v2_pb2 as kpb
 from .errors import LossgradError
 
 REQUEST_ID_KEY = "x-request-id"
@@ -158,12 +159,11 @@ def _request_id(context: grpc.ServicerContext) -> str:
 
 def _describe(request: Any) -> tuple[str, int, int]:
     """(loss label, elements, tensor bytes) of a request, from its declared shapes."""
+    if isinstance(request, kpb.ModelInferRequest):
+        return _describe_infer(request)
     if not isinstance(request, ComputeRequest):  # ListLosses, or a malformed message
         return ("" if not isinstance(request, Exception) else "unknown"), 0, 0
-    try:
-        loss = catalog.lookup(request.loss).name
-    except LossgradError:
-        loss = "unknown"
+    loss = _loss_label(request.loss)
     elements = nbytes = 0
     for tensor in (request.predictions, request.targets, request.sample_weight):
         if tensor is not None:
@@ -173,6 +173,31 @@ def _describe(request: Any) -> tuple[str, int, int]:
             elements += count
             nbytes += memoryview(tensor.data).nbytes
     return loss, elements, nbytes
+
+
+_ITEMSIZES = {"FP32": 4, "FP64": 8, "INT32": 4, "INT64": 8}
+
+
+def _describe_infer(request: kpb.ModelInferRequest) -> tuple[str, int, int]:
+    """(loss label, elements, tensor bytes) of an Open Inference Protocol ModelInfer."""
+    loss = _loss_label(request.model_name)
+    elements = nbytes = 0
+    raw = request.raw_input_contents
+    for index, tensor in enumerate(request.inputs):
+        count = 1
+        for dim in tensor.shape:
+            count *= max(dim, 0)
+        elements += count
+        nbytes += len(raw[index]) if index < len(raw) else \
+            count * _ITEMSIZES.get(tensor.datatype, 0)
+    return loss, elements, nbytes
+
+
+def _loss_label(name: str) -> str:
+    try:
+        return catalog.lookup(name).name
+    except LossgradError:
+        return "unknown"
 
 
 class JsonFormatter(logging.Formatter):

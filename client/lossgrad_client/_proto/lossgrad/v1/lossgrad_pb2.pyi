@@ -640,6 +640,7 @@ class ServerFeatures(_message.Message):
     MUTUAL_TLS_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    KSERVE_FIELD_NUMBER: _builtins.int
     reflection: _builtins.bool
     """gRPC server reflection is served."""
     tls: _builtins.bool
@@ -650,6 +651,10 @@ class ServerFeatures(_message.Message):
     """Calls other than health and reflection need a bearer token."""
     metrics: _builtins.bool
     """Prometheus metrics are served over HTTP."""
+    kserve: _builtins.bool
+    """The Open Inference Protocol (KServe v2) API, inference.GRPCInferenceService,
+    is served on the same port: each loss is a model.
+    """
     def __init__(
         self,
         *,
@@ -658,10 +663,11 @@ class ServerFeatures(_message.Message):
         mutual_tls: _builtins.bool = ...,
         auth: _builtins.bool = ...,
         metrics: _builtins.bool = ...,
+        kserve: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
