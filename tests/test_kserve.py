@@ -180,6 +180,10 @@ def test_infer_parameters_and_reduction_none_in_float64(
     by_int = outputs_of(kstub.ModelInfer(infer_request(
         "huber", {"PREDICTIONS": x, "TARGETS": y}, delta=2), timeout=30))
     assert by_int["LOSS"][0] == client.compute_loss("huber", x, y, delta=2.0).loss
+    # Triton's scheduling hints are accepted and change nothing.
+    hinted = infer_request("huber", {"PREDICTIONS": x, "TARGETS": y}, delta=2, timeout=100)
+    hinted.parameters["priority"].uint64_param = 1
+    assert outputs_of(kstub.ModelInfer(hinted, timeout=30))["LOSS"][0] == by_int["LOSS"][0]
 
 
 def test_infer_typed_contents_answers_typed(

@@ -55,6 +55,9 @@ PREDICTIONS, TARGETS, SAMPLE_WEIGHT = "PREDICTIONS", "TARGETS", "SAMPLE_WEIGHT"
 LOSS, GRADIENT = "LOSS", "GRADIENT"
 # Request parameters that are not loss parameters.
 REDUCTION, ALLOW_NONFINITE = "reduction", "allow_nonfinite"
+# Scheduling hints that tritonclient sends when asked (Triton's queue priority and queue
+# timeout); a server without a request queue has nothing to apply them to.
+_IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
 
 # Protocol datatype <-> (lossgrad.v1 DataType, little-endian dtype, typed contents field).
 _DATATYPES: dict[str, tuple[int, np.dtype[Any], str]] = {
@@ -297,6 +300,8 @@ def _request_options(parameters: Any, spec: LossSpec) -> dict[str, Any]:
             continue
         if key == ALLOW_NONFINITE:
             options[ALLOW_NONFINITE] = _bool(field, value)
+            continue
+        if key in _IGNORED_PARAMETERS:
             continue
         p = spec.param(key)
         options[key] = value if p is None else _param_value(p, field, value)
