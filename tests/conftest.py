@@ -6,11 +6,13 @@ exercise the real wire: client conversion, gRPC, the servicer, the engine, and b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
-from lossgrad.server import create_server
+from lossgrad._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from lossgrad.server import LossServer, create_server
 from lossgrad_client import LossClient
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
 
@@ -42,3 +44,28 @@ def stub(server_address: str) -> Iterator[pb_grpc.LossServiceStub]:
         yield pb_grpc.LossServiceStub(channel)
     finally:
         channel.close()
+
+
+@pytest.fixture(scope="session")
+def kserve_stub(server_address: str) -> Iterator[kserve_grpc.GRPCInferenceServiceStub]:
+    """A stub of the session server's Open Inference Protocol (KServe v2) API."""
+    channel = grpc.insecure_channel(server_address)
+    try:
+        yield kserve_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        channel.close()
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., tuple[LossServer, str]]]:
+    """Start a server with the given create_server options; stop it at teardown."""
+    servers: list[LossServer] = []
+
+    def _start(**options: Any) -> tuple[LossServer, str]:
+        server, port = create_server("127.0.0.1", 0, **options)
+        servers.append(server)
+        return server, f"127.0.0.1:{port}"
+
+    yield _start
+    for server in servers:
+        server.stop(0).wait(30)

@@ -7,7 +7,7 @@ tests/test_kserve_tritonclient.py calls the same API with tritonclient itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from lossgrad import catalog
 from lossgrad._proto.inference import grpc_predict_v2_pb2 as kpb
 from lossgrad._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
-from lossgrad.server import LossServer, create_server
+from lossgrad.server import LossServer
 from lossgrad_client import LossClient
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
@@ -30,36 +30,12 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.e2e
 
 KSERVE = "inference.GRPCInferenceService"
-InputTensor = kpb.ModelInferRequest.InferInputTensor
+Stub = kpb_grpc.GRPCInferenceServiceStub
 _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64",
               np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64"}
 _CONTENTS = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents",
              "INT64": "int64_contents"}
 _NUMPY = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8"}
-
-
-@pytest.fixture(scope="module")
-def kstub(server_address: str) -> Iterator[kpb_grpc.GRPCInferenceServiceStub]:
-    channel = grpc.insecure_channel(server_address)
-    try:
-        yield kpb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        channel.close()
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[..., tuple[LossServer, str]]]:
-    """Start a server with the given create_server options; stop it at teardown."""
-    servers: list[LossServer] = []
-
-    def _start(**options: Any) -> tuple[LossServer, str]:
-        server, port = create_server("127.0.0.1", 0, **options)
-        servers.append(server)
-        return server, f"127.0.0.1:{port}"
-
-    yield _start
-    for server in servers:
-        server.stop(0).wait(30)
 
 
 def infer_request(model: str, inputs: dict[str, np.ndarray], *, typed: bool = False,
@@ -110,49 +86,49 @@ def _rng_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --- server and models -----------------------------------------------------------------------
 
 def test_server_is_live_and_ready_and_names_itself(
-        kstub: kpb_grpc.GRPCInferenceServiceStub) -> None:
-    assert kstub.ServerLive(kpb.ServerLiveRequest(), timeout=10).live
-    assert kstub.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
-    meta = kstub.ServerMetadata(kpb.ServerMetadataRequest(), timeout=10)
+        kserve_stub: Stub) -> None:
+    assert kserve_stub.ServerLive(kpb.ServerLiveRequest(), timeout=10).live
+    assert kserve_stub.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready
+    meta = kserve_stub.ServerMetadata(kpb.ServerMetadataRequest(), timeout=10)
     assert (meta.name, meta.version) == ("lossgrad", "0.1.0")
 
 
-def test_every_loss_and_alias_is_a_ready_model(kstub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+def test_every_loss_and_alias_is_a_ready_model(kserve_stub: Stub) -> None:
     names = [n for spec in catalog.LOSSES for n in (spec.name, *spec.aliases)]
     assert "sigmoid_cross_entropy" in names and "l2" in names
     for name in names:
-        assert kstub.ModelReady(kpb.ModelReadyRequest(name=name), timeout=10).ready, name
-    assert kstub.ModelReady(kpb.ModelReadyRequest(name="mse", version="1"), timeout=10).ready
-    assert not kstub.ModelReady(kpb.ModelReadyRequest(name="mse", version="2"), timeout=10).ready
-    assert not kstub.ModelReady(kpb.ModelReadyRequest(name="resnet50"), timeout=10).ready
+        assert kserve_stub.ModelReady(kpb.ModelReadyRequest(name=name), timeout=10).ready, name
+    for name, version, ready in (("mse", "1", True), ("mse", "2", False), ("resnet50", "", False)):
+        request = kpb.ModelReadyRequest(name=name, version=version)
+        assert kserve_stub.ModelReady(request, timeout=10).ready is ready
 
 
 def test_model_metadata_describes_inputs_and_outputs(
-        kstub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+        kserve_stub: Stub) -> None:
     def tensors(items: Any) -> list[tuple[str, str, list[int]]]:
         return [(t.name, t.datatype, list(t.shape)) for t in items]
 
-    mse = kstub.ModelMetadata(kpb.ModelMetadataRequest(name="mse"), timeout=10)
+    mse = kserve_stub.ModelMetadata(kpb.ModelMetadataRequest(name="mse"), timeout=10)
     assert (mse.name, list(mse.versions), mse.platform) == ("mse", ["1"], "lossgrad")
     assert tensors(mse.inputs) == [("PREDICTIONS", "FP32", [-1]), ("TARGETS", "FP32", [-1]),
                                    ("SAMPLE_WEIGHT", "FP32", [-1])]
     assert tensors(mse.outputs) == [("LOSS", "FP64", [-1]), ("GRADIENT", "FP32", [-1])]
-    sparse = kstub.ModelMetadata(
+    sparse = kserve_stub.ModelMetadata(
         kpb.ModelMetadataRequest(name="sparse_categorical_cross_entropy"), timeout=10)
     assert tensors(sparse.inputs)[:2] == [("PREDICTIONS", "FP32", [-1, -1]),
                                           ("TARGETS", "INT64", [-1])]
     assert tensors(sparse.outputs)[1] == ("GRADIENT", "FP32", [-1, -1])
-    alias = kstub.ModelMetadata(kpb.ModelMetadataRequest(name="l2"), timeout=10)
+    alias = kserve_stub.ModelMetadata(kpb.ModelMetadataRequest(name="l2"), timeout=10)
     assert alias.name == "l2" and tensors(alias.inputs) == tensors(mse.inputs)
 
 
 # --- inference equals lossgrad.v1 ------------------------------------------------------------
 
 def test_infer_raw_equals_the_native_api_bit_for_bit(
-        kstub: kpb_grpc.GRPCInferenceServiceStub, client: LossClient) -> None:
+        kserve_stub: Stub, client: LossClient) -> None:
     x, y = _rng_case()
     w = np.linspace(0.0, 2.0, 16, dtype=np.float32)
-    response = kstub.ModelInfer(infer_request(
+    response = kserve_stub.ModelInfer(infer_request(
         "mse", {"PREDICTIONS": x, "TARGETS": y, "SAMPLE_WEIGHT": w}), timeout=30)
     native = client.compute_gradient("mse", x, y, sample_weight=w)
     out = outputs_of(response)
@@ -165,9 +141,9 @@ def test_infer_raw_equals_the_native_api_bit_for_bit(
 
 
 def test_infer_parameters_and_reduction_none_in_float64(
-        kstub: kpb_grpc.GRPCInferenceServiceStub, client: LossClient) -> None:
+        kserve_stub: Stub, client: LossClient) -> None:
     x, y = (a.astype(np.float64) * 3 for a in _rng_case(1))
-    response = kstub.ModelInfer(infer_request(
+    response = kserve_stub.ModelInfer(infer_request(
         "huber", {"PREDICTIONS": x, "TARGETS": y}, delta=0.5, reduction="none"), timeout=30)
     native = client.compute_gradient("huber", x, y, delta=0.5, reduction="none")
     out = outputs_of(response)
@@ -177,23 +153,23 @@ def test_infer_parameters_and_reduction_none_in_float64(
     assert out["GRADIENT"].dtype == np.float64
     assert out["GRADIENT"].tobytes() == native.gradient.tobytes()
     # An integer parameter value is taken for a double parameter.
-    by_int = outputs_of(kstub.ModelInfer(infer_request(
+    by_int = outputs_of(kserve_stub.ModelInfer(infer_request(
         "huber", {"PREDICTIONS": x, "TARGETS": y}, delta=2), timeout=30))
     assert by_int["LOSS"][0] == client.compute_loss("huber", x, y, delta=2.0).loss
     # Triton's scheduling hints are accepted and change nothing.
     hinted = infer_request("huber", {"PREDICTIONS": x, "TARGETS": y}, delta=2, timeout=100)
     hinted.parameters["priority"].uint64_param = 1
-    assert outputs_of(kstub.ModelInfer(hinted, timeout=30))["LOSS"][0] == by_int["LOSS"][0]
+    assert outputs_of(kserve_stub.ModelInfer(hinted, timeout=30))["LOSS"][0] == by_int["LOSS"][0]
 
 
 def test_infer_typed_contents_answers_typed(
-        kstub: kpb_grpc.GRPCInferenceServiceStub, client: LossClient) -> None:
+        kserve_stub: Stub, client: LossClient) -> None:
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(12, 4)).astype(np.float32)
     labels = rng.integers(0, 4, size=12).astype(np.int64)
     labels[3] = -100
     params = {"from_logits": True, "label_smoothing": 0.1, "ignore_index": -100}
-    response = kstub.ModelInfer(infer_request(
+    response = kserve_stub.ModelInfer(infer_request(
         "sparse_categorical_cross_entropy", {"PREDICTIONS": logits, "TARGETS": labels},
         typed=True, class_weight="[1.0, 0.5, 2.0, 1.0]", **params), timeout=30)
     native = client.compute_gradient("sparse_categorical_cross_entropy", logits, labels,
@@ -205,10 +181,10 @@ def test_infer_typed_contents_answers_typed(
 
 
 def test_requested_outputs_and_aliases(
-        kstub: kpb_grpc.GRPCInferenceServiceStub, client: LossClient) -> None:
+        kserve_stub: Stub, client: LossClient) -> None:
     x, y = _rng_case(3)
     y = (y > 0).astype(np.float32)
-    only_loss = kstub.ModelInfer(infer_request(
+    only_loss = kserve_stub.ModelInfer(infer_request(
         "sigmoid_cross_entropy", {"PREDICTIONS": x, "TARGETS": y}, outputs=("LOSS",),
         reduction="sum"), timeout=30)
     assert [o.name for o in only_loss.outputs] == ["LOSS"]
@@ -216,7 +192,7 @@ def test_requested_outputs_and_aliases(
     native = client.compute_loss("binary_cross_entropy", x, y, from_logits=True,
                                  reduction="sum")
     assert outputs_of(only_loss)["LOSS"][0] == native.loss
-    gradient_only = kstub.ModelInfer(infer_request(
+    gradient_only = kserve_stub.ModelInfer(infer_request(
         "mae", {"PREDICTIONS": x, "TARGETS": y}, outputs=("GRADIENT",)), timeout=30)
     assert [o.name for o in gradient_only.outputs] == ["GRADIENT"]
 
@@ -313,21 +289,21 @@ def _with(request: kpb.ModelInferRequest, **fields: Any) -> kpb.ModelInferReques
 @pytest.mark.parametrize(("case", "request_", "code", "reason", "field"), _bad_requests(),
                          ids=[case[0] for case in _bad_requests()])
 def test_bad_requests_get_the_documented_status(
-        kstub: kpb_grpc.GRPCInferenceServiceStub, case: str, request_: kpb.ModelInferRequest,
+        kserve_stub: Stub, case: str, request_: kpb.ModelInferRequest,
         code: grpc.StatusCode, reason: str, field: str) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        kstub.ModelInfer(request_, timeout=30)
+        kserve_stub.ModelInfer(request_, timeout=30)
     err = info.value
     assert err.code() is code, err.details()  # type: ignore[attr-defined]
     assert err.details().startswith(f"{field}: ")  # type: ignore[attr-defined]
     assert _details(err) == (reason, field)
-    assert kstub.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready  # still serving
+    assert kserve_stub.ServerReady(kpb.ServerReadyRequest(), timeout=10).ready  # still serving
 
 
 def test_model_metadata_of_an_unknown_model_is_not_found(
-        kstub: kpb_grpc.GRPCInferenceServiceStub) -> None:
+        kserve_stub: Stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        kstub.ModelMetadata(kpb.ModelMetadataRequest(name="resnet50"), timeout=10)
+        kserve_stub.ModelMetadata(kpb.ModelMetadataRequest(name="resnet50"), timeout=10)
     assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     assert "mse" in info.value.details()  # type: ignore[attr-defined]  (names the models)
 

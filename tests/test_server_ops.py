@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -25,21 +24,6 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
 SERVICE = "lossgrad.v1.LossService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[..., tuple[LossServer, str]]]:
-    """Start a server with the given create_server options; stop it at teardown."""
-    servers: list[LossServer] = []
-
-    def _start(**options: Any) -> tuple[LossServer, str]:
-        server, port = create_server("127.0.0.1", 0, **options)
-        servers.append(server)
-        return server, f"127.0.0.1:{port}"
-
-    yield _start
-    for server in servers:
-        server.stop(0).wait(30)
 
 
 def _check(channel: grpc.Channel, service: str) -> int:
