@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-tritonclient"
 REQUIREMENTS = Path(__file__).with_name("tritonclient-requirements.txt")
 CALLS = Path(__file__).with_name("tritonclient_calls.py")
+README = ROOT / "README.md"
 INSTALL_TIMEOUT_S = 600
 CALLS_TIMEOUT_S = 120
 
@@ -59,6 +61,12 @@ def tritonclient_python() -> Path:
     return python
 
 
+def _run(python: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run([str(python), *args], capture_output=True, text=True,
+                          timeout=CALLS_TIMEOUT_S, env=env, check=False)
+
+
 @pytest.fixture(scope="module")
 def triton_run(tritonclient_python: Path, server_address: str,
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -75,10 +83,7 @@ def triton_run(tritonclient_python: Path, server_address: str,
         "logits": rng.normal(size=(12, 4)).astype(np.float32), "labels": labels,
     }
     np.savez(out / "inputs.npz", **inputs)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([str(tritonclient_python), str(CALLS), server_address, str(out)],
-                          capture_output=True, text=True, timeout=CALLS_TIMEOUT_S, env=env,
-                          check=False)
+    done = _run(tritonclient_python, [str(CALLS), server_address, str(out)])
     assert done.returncode == 0, done.stderr[-4000:]
     return {"inputs": inputs, "outputs": dict(np.load(out / "outputs.npz")),
             "results": json.loads((out / "results.json").read_text())}
@@ -134,3 +139,14 @@ def test_tritonclient_reports_the_documented_status(triton_run: dict[str, Any], 
     error = triton_run["results"]["errors"][case]
     assert error["status"] == status, error
     assert names in error["message"], error
+
+
+def test_readme_example_runs(tritonclient_python: Path, server_address: str) -> None:
+    section = README.read_text().split("## Open Inference Protocol", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None
+    code = block.group(1).replace("127.0.0.1:50051", server_address)
+    done = _run(tritonclient_python, ["-c", code + "print(repr(loss), gradient.shape, "
+                                      "gradient.dtype)\n"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.fullmatch(r"np\.float64\(0\.\d+\) \(8, 3\) float32\n", done.stdout), done.stdout
