@@ -6,6 +6,7 @@ requests are built and the responses read by the same code (:mod:`._requests`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -23,8 +24,16 @@ from ._requests import (
     loss_infos,
     loss_result,
 )
+from ._stream import (
+    DEFAULT_CHUNK_BYTES,
+    Progress,
+    StreamPlan,
+    request_bytes,
+    stream_sizes,
+    with_out,
+)
 from ._types import GradientResult, LossInfo, LossResult
-from ._wire import serialize_request
+from ._wire import ComputeRequest, serialize_request, serialize_stream_request
 from .errors import from_rpc_error
 
 _Client = TypeVar("_Client", bound="AsyncLossClient")
@@ -54,6 +63,8 @@ class AsyncLossClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        stream_threshold_bytes: int | None = None,
+        stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         settings = channel_settings(
             target, max_message_bytes=max_message_bytes, retries=retries,
@@ -62,6 +73,8 @@ class AsyncLossClient:
             certificate_chain=certificate_chain, token=token)
         self._settings = settings
         self._timeout = timeout
+        self._stream_threshold, self._chunk_bytes = stream_sizes(
+            max_message_bytes, stream_threshold_bytes, stream_chunk_bytes)
         if settings.credentials is None:
             self._channel = grpc.aio.insecure_channel(settings.target, options=settings.options)
         else:
@@ -72,6 +85,9 @@ class AsyncLossClient:
             _registered_method=True)
         self._compute_gradient = self._channel.unary_unary(
             METHOD_PREFIX + "ComputeGradient", request_serializer=serialize_request,
+            _registered_method=True)
+        self._compute_stream = self._channel.stream_stream(
+            METHOD_PREFIX + "ComputeStream", request_serializer=serialize_stream_request,
             _registered_method=True)
         self._list_losses = self._channel.unary_unary(
             METHOD_PREFIX + "ListLosses",
@@ -106,11 +122,16 @@ class AsyncLossClient:
         sample_weight: Any = None,
         allow_nonfinite: bool = False,
         timeout: float | None = None,
+        stream: bool | None = None,
+        progress: Progress | None = None,
         **params: Any,
     ) -> LossResult:
         """Compute a loss on the server; see :meth:`LossClient.compute_loss`."""
         request = compute_request(loss, predictions, targets, reduction, sample_weight,
                                   allow_nonfinite, params)
+        if self._streams(request, stream):
+            plan = await self._stream(request, False, timeout, None, progress)
+            return plan.loss_result()
         return loss_result(await self._call(self._compute_loss, request, timeout), request)
 
     async def compute_gradient(
@@ -123,17 +144,60 @@ class AsyncLossClient:
         sample_weight: Any = None,
         allow_nonfinite: bool = False,
         timeout: float | None = None,
+        stream: bool | None = None,
+        progress: Progress | None = None,
+        out: Any = None,
         **params: Any,
     ) -> GradientResult:
         """Compute a loss and its gradient; see :meth:`LossClient.compute_gradient`."""
         request = compute_request(loss, predictions, targets, reduction, sample_weight,
                                   allow_nonfinite, params)
-        return gradient_result(await self._call(self._compute_gradient, request, timeout),
-                               request)
+        if self._streams(request, stream):
+            plan = await self._stream(request, True, timeout, out, progress)
+            return plan.gradient_result()
+        result = gradient_result(await self._call(self._compute_gradient, request, timeout),
+                                 request)
+        return with_out(result, out)
 
     async def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """Return the server's catalog; see :meth:`LossClient.list_losses`."""
         return loss_infos(await self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
+
+    def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
+        return request_bytes(request) > self._stream_threshold if stream is None else stream
+
+    async def _stream(self, request: ComputeRequest, gradient: bool, timeout: float | None,
+                      out: Any, progress: Progress | None) -> StreamPlan:
+        """Run one ComputeStream call: the chunks are written by a task of their own
+        while the responses are read here."""
+        plan = StreamPlan(request, gradient=gradient, chunk_bytes=self._chunk_bytes, out=out,
+                          progress=progress)
+        call = self._compute_stream(timeout=self._timeout if timeout is None else timeout,
+                                    metadata=self._settings.metadata)
+
+        async def write() -> None:
+            for message in plan.messages():
+                await call.write(message)
+            await call.done_writing()
+
+        writer: asyncio.Task[None] | None = None
+        try:
+            await call.write(plan.header)
+            while True:
+                data = await call.read()
+                if data is grpc.aio.EOF:
+                    break
+                plan.receive(data)
+                if plan.ready is not None and writer is None:
+                    writer = asyncio.create_task(write())
+            if writer is not None:
+                await writer
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            if writer is not None and not writer.done():
+                writer.cancel()
+        return plan
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
                     timeout: float | None) -> Any:

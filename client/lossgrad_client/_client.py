@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -22,8 +23,16 @@ from ._requests import (
     loss_infos,
     loss_result,
 )
+from ._stream import (
+    DEFAULT_CHUNK_BYTES,
+    Progress,
+    StreamPlan,
+    request_bytes,
+    stream_sizes,
+    with_out,
+)
 from ._types import GradientResult, LossInfo, LossResult
-from ._wire import serialize_request
+from ._wire import ComputeRequest, StreamRequest, serialize_request, serialize_stream_request
 from .errors import from_rpc_error
 
 _Client = TypeVar("_Client", bound="LossClient")
@@ -41,7 +50,10 @@ CLIENT_ARGUMENTS_DOC = """
     TLS channel, mutual TLS with ``private_key`` and ``certificate_chain``; ``credentials``
     gives gRPC channel credentials instead. ``token`` is sent with every call as
     ``authorization: Bearer <token>``. ``options`` are extra gRPC channel arguments
-    (they override the ones these arguments set).
+    (they override the ones these arguments set). Requests whose tensors exceed
+    ``stream_threshold_bytes`` (default: half of ``max_message_bytes``) go by the
+    ComputeStream RPC in chunks of ``stream_chunk_bytes`` (at most half of
+    ``max_message_bytes``), with the same results.
 """
 
 
@@ -69,6 +81,8 @@ class LossClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        stream_threshold_bytes: int | None = None,
+        stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         settings = channel_settings(
             target, max_message_bytes=max_message_bytes, retries=retries,
@@ -77,6 +91,8 @@ class LossClient:
             certificate_chain=certificate_chain, token=token)
         self._settings = settings
         self._timeout = timeout
+        self._stream_threshold, self._chunk_bytes = stream_sizes(
+            max_message_bytes, stream_threshold_bytes, stream_chunk_bytes)
         if settings.credentials is None:
             self._channel = grpc.insecure_channel(settings.target, options=settings.options)
         else:
@@ -90,6 +106,9 @@ class LossClient:
             _registered_method=True)
         self._compute_gradient = self._channel.unary_unary(
             METHOD_PREFIX + "ComputeGradient", request_serializer=serialize_request,
+            _registered_method=True)
+        self._compute_stream = self._channel.stream_stream(
+            METHOD_PREFIX + "ComputeStream", request_serializer=serialize_stream_request,
             _registered_method=True)
         self._list_losses = self._channel.unary_unary(
             METHOD_PREFIX + "ListLosses",
@@ -124,6 +143,8 @@ class LossClient:
         sample_weight: Any = None,
         allow_nonfinite: bool = False,
         timeout: float | None = None,
+        stream: bool | None = None,
+        progress: Progress | None = None,
         **params: Any,
     ) -> LossResult:
         """Compute a loss on the server.
@@ -136,9 +157,16 @@ class LossClient:
         ``class_weight=[...]``); None leaves one unset. With ``allow_nonfinite`` the
         server accepts NaN and Inf instead of rejecting them. ``timeout`` (seconds)
         overrides the client's for this call.
+
+        Tensors of more than ``stream_threshold_bytes`` together go by ComputeStream, in
+        chunks of ``stream_chunk_bytes`` (``stream=True`` forces it, ``stream=False``
+        forbids it): any size, the same bits as one message. ``progress(sent, total)``
+        is called with the bytes sent after each chunk (from gRPC's sending thread).
         """
         request = compute_request(loss, predictions, targets, reduction, sample_weight,
                                   allow_nonfinite, params)
+        if self._streams(request, stream):
+            return self._stream(request, False, timeout, None, progress).loss_result()
         return loss_result(self._call(self._compute_loss, request, timeout), request)
 
     def compute_gradient(
@@ -151,21 +179,62 @@ class LossClient:
         sample_weight: Any = None,
         allow_nonfinite: bool = False,
         timeout: float | None = None,
+        stream: bool | None = None,
+        progress: Progress | None = None,
+        out: Any = None,
         **params: Any,
     ) -> GradientResult:
         """Compute a loss and its gradient w.r.t. ``predictions`` on the server.
 
         Takes the arguments of :meth:`compute_loss`. The gradient is of exactly the
         returned value (of the sum of the per-position values for "none") and has the
-        predictions' shape and dtype.
+        predictions' shape and dtype. ``out`` (a writable C-contiguous array of that
+        shape and dtype) receives it instead of a new array, and is returned as it.
         """
         request = compute_request(loss, predictions, targets, reduction, sample_weight,
                                   allow_nonfinite, params)
-        return gradient_result(self._call(self._compute_gradient, request, timeout), request)
+        if self._streams(request, stream):
+            return self._stream(request, True, timeout, out, progress).gradient_result()
+        result = gradient_result(self._call(self._compute_gradient, request, timeout), request)
+        return with_out(result, out)
 
     def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """Return the server's catalog: every loss, its inputs and its parameters."""
         return loss_infos(self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
+
+    def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
+        return request_bytes(request) > self._stream_threshold if stream is None else stream
+
+    def _stream(self, request: ComputeRequest, gradient: bool, timeout: float | None,
+                out: Any, progress: Progress | None) -> StreamPlan:
+        """Run one ComputeStream call. The request iterator runs on gRPC's thread: it
+        sends the header, waits for ``ready`` (read here), then sends the chunks."""
+        plan = StreamPlan(request, gradient=gradient, chunk_bytes=self._chunk_bytes, out=out,
+                          progress=progress)
+        ready, finished = threading.Event(), threading.Event()
+
+        def requests() -> Iterator[StreamRequest]:
+            yield plan.header
+            while not ready.wait(0.05):
+                if finished.is_set():
+                    return
+            for message in plan.messages():
+                if finished.is_set():
+                    return
+                yield message
+
+        try:
+            for data in self._compute_stream(
+                    requests(), timeout=self._timeout if timeout is None else timeout,
+                    metadata=self._settings.metadata):
+                plan.receive(data)
+                if plan.ready is not None:
+                    ready.set()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            finished.set()
+        return plan
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any,
               timeout: float | None) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._wire import LITTLE_ENDIAN, Tensor, data_type
+from ._wire import Tensor, data_type, wire_dtype
 from .errors import InternalError, InvalidArgumentError
 
 UNSUPPORTED_DTYPE = "UNSUPPORTED_DTYPE"
@@ -27,9 +27,10 @@ _WIDEN_TO_INT64 = frozenset((("i", 1), ("i", 2), ("u", 1), ("u", 2), ("u", 4)))
 def as_array(value: Any, field: str) -> npt.NDArray[Any]:
     """Return ``value`` as a little-endian array of a wire dtype, without copying if it is one.
 
-    float32/float64/int32/int64 pass through; Python lists of floats become float64 and
-    of ints int64; narrower integers widen to int64. Anything else (bool, float16,
-    complex, objects) raises InvalidArgumentError naming ``field``.
+    float16/bfloat16/float32/float64/int32/int64 pass through (bfloat16 is ml_dtypes'
+    type); Python lists of floats become float64 and of ints int64; narrower integers
+    widen to int64. Anything else (bool, complex, objects) raises InvalidArgumentError
+    naming ``field``.
     """
     if hasattr(value, "detach") and getattr(value, "requires_grad", False):
         value = value.detach()  # a torch tensor that requires grad refuses __array__
@@ -45,12 +46,13 @@ def as_array(value: Any, field: str) -> npt.NDArray[Any]:
     ):
         array = array.astype(np.int64)
     code = data_type(array.dtype)
-    if code is None:
+    dtype = None if code is None else wire_dtype(code)
+    if dtype is None:
         raise InvalidArgumentError(
-            f"{field}.dtype: unsupported dtype {array.dtype}; use float32 or float64 "
-            "(int32 or int64 for class indices and labels)",
+            f"{field}.dtype: unsupported dtype {array.dtype}; use float16, bfloat16, float32 "
+            "or float64 (int32 or int64 for class indices and labels)",
             reason=UNSUPPORTED_DTYPE, field=f"{field}.dtype")
-    return array.astype(LITTLE_ENDIAN[code], copy=False)
+    return array.astype(dtype, copy=False)
 
 
 def to_tensor(value: Any, field: str) -> Tensor:
@@ -62,7 +64,7 @@ def from_tensor(tensor: Tensor | None, field: str) -> npt.NDArray[Any]:
     """Decode a response tensor as a read-only array viewing the response bytes."""
     if tensor is None:
         tensor = Tensor(0, (), b"")  # what a generated message reads for a field not set
-    dtype = LITTLE_ENDIAN.get(tensor.dtype)
+    dtype = wire_dtype(tensor.dtype)
     shape = tensor.shape
     size = memoryview(tensor.data).nbytes
     if dtype is None or min(shape, default=0) < 0 or size != math.prod(shape) * dtype.itemsize:

@@ -37,7 +37,7 @@ class Layout(enum.Enum):
     SPARSE_ROWS = "sparse_rows"  # targets: class indices, shape without the class axis
 
 
-FLOAT_DTYPES = ("float32", "float64")
+FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
 
 
@@ -213,9 +213,11 @@ of the per-position values); where a clamp is active its term contributes 0; the
 subgradient at kinks is 0. Float32 gradients of probability inputs saturate at the
 largest float32 instead of overflowing.
 Predictions are float32 or float64; per-position values and the gradient come back in
-the predictions' dtype; float targets are converted to it. Element math runs in the
-predictions' type, every sum in float64 over fixed blocks in a fixed order: the same
-inputs always give the same bits.
+the predictions' dtype; float targets are converted to it. float16 and bfloat16 inputs
+are widened to float32 (exactly) and computed as float32; per-position values and the
+gradient are rounded back to the predictions' half type (to nearest, ties to even).
+Element math runs in the predictions' type, every sum in float64 over fixed blocks in a
+fixed order: the same inputs always give the same bits (also through ComputeStream).
 NaN/Inf inputs are rejected unless allow_nonfinite is set.
 """
 

@@ -21,7 +21,7 @@ from .kernels import drivers
 from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
 from .request import FLOAT_DTYPES, Batch, Reduction, check_nonfinite_total, prepare
 
-__all__ = ["Reduction", "Result", "compute", "warmup"]
+__all__ = ["Reduction", "Result", "compute", "run", "warmup"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Result:
     ``loss`` is a float for SUM/MEAN and a per-position array of w_i * l_i
     (predictions' dtype) for NONE. ``gradient`` has the predictions' shape and dtype,
     or is None when not asked for. ``weight_sum`` is the divisor of MEAN and
-    ``positions_counted`` the number of positions with a non-zero weight.
+    ``positions_counted`` the number of positions with a non-zero weight. ``total`` is
+    the unreduced sum of w * loss (from ``Batch.start`` on; rmse: of w * r^2).
     """
 
     loss: float | np.ndarray
@@ -39,6 +40,7 @@ class Result:
     positions: int
     positions_counted: int
     weight_sum: float
+    total: float = 0.0
 
 
 
@@ -62,6 +64,12 @@ def compute(
     nm.compile_kernels()  # once: the first call compiles every kernel
     batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
                     params)
+    return _RUNNERS[batch.spec.name](batch, gradient)
+
+
+def run(batch: Batch, gradient: bool) -> Result:
+    """Run a prepared batch (a stream's piece: ``batch.start`` and ``batch.weight_sum``
+    set by the stream)."""
     return _RUNNERS[batch.spec.name](batch, gradient)
 
 
@@ -98,20 +106,27 @@ def _parallel(batch: Batch) -> bool:
     return bool(batch.x.size >= nm.PARALLEL_MIN)
 
 
+def _narrow(batch: Batch, array: np.ndarray) -> np.ndarray:
+    """An output in the predictions' own type: a half type's values are computed in
+    float32 and rounded once, here (to nearest, ties to even)."""
+    return array if batch.out_dtype is None else array.astype(batch.out_dtype)
+
+
 def _result(batch: Batch, total: float, out: np.ndarray,
             grad: np.ndarray | None) -> Result:
     if batch.reduction is Reduction.NONE:
-        loss: float | np.ndarray = out.reshape(batch.position_shape)
+        loss: float | np.ndarray = _narrow(batch, out.reshape(batch.position_shape))
     elif batch.reduction is Reduction.SUM:
         loss = float(total)
     else:
         loss = float(total) / batch.weight_sum if batch.weight_sum > 0 else 0.0
     return Result(
         loss=loss,
-        gradient=None if grad is None else grad.reshape(batch.shape),
+        gradient=None if grad is None else _narrow(batch, grad.reshape(batch.shape)),
         positions=math.prod(batch.position_shape),
         positions_counted=int(batch.counted),
         weight_sum=float(batch.weight_sum),
+        total=float(total),
     )
 
 
@@ -119,7 +134,7 @@ def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
                      b: float = 0.0, x_unit: bool = False, t_unit: bool = False) -> Result:
     out, grad = _buffers(batch, want_grad)
     total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a, b,
-                                not batch.allow_nonfinite, _parallel(batch))
+                                not batch.allow_nonfinite, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, x_unit, t_unit)
     return _result(batch, total, out, grad if want_grad else None)
 
@@ -128,7 +143,8 @@ def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
                x_unit: bool) -> Result:
     out, grad = _buffers(batch, want_grad)
     total = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a,
-                               not batch.allow_nonfinite, want_grad, _parallel(batch))
+                               not batch.allow_nonfinite, want_grad, _parallel(batch),
+                               batch.start)
     check_nonfinite_total(batch, total, x_unit, True)
     return _result(batch, total, out, grad if want_grad else None)
 
@@ -146,7 +162,7 @@ def _rmse(batch: Batch, want_grad: bool) -> Result:
         return _run_elementwise(batch, want_grad, drivers.MAE)
     out, grad = _buffers(batch, False)
     total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, 0.0, drivers.MSE, 0.0,
-                                0.0, not batch.allow_nonfinite, _parallel(batch))
+                                0.0, not batch.allow_nonfinite, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, False, False)
     divisor = batch.weight_sum if batch.reduction is Reduction.MEAN else 1.0
     rmse = math.sqrt(total / divisor) if divisor > 0 else 0.0
@@ -154,9 +170,9 @@ def _rmse(batch: Batch, want_grad: bool) -> Result:
         out, grad = _buffers(batch, True)
         scale = 1.0 / (2.0 * rmse * divisor) if rmse > 0 else 0.0
         drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0,
-                            not batch.allow_nonfinite, _parallel(batch))
-    return Result(rmse, grad.reshape(batch.shape) if want_grad else None,
-                  math.prod(batch.position_shape), batch.counted, batch.weight_sum)
+                            not batch.allow_nonfinite, _parallel(batch), 0.0)
+    return Result(rmse, _narrow(batch, grad.reshape(batch.shape)) if want_grad else None,
+                  math.prod(batch.position_shape), batch.counted, batch.weight_sum, total)
 
 
 def _hinge(op: int) -> Callable[[Batch, bool], Result]:
@@ -199,7 +215,7 @@ def _sparse(batch: Batch, want_grad: bool) -> Result:
     total = drivers.sparse_rows(
         batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
         p["ignore_index"], p["label_smoothing"], SPARSE_LOGITS if logits else SPARSE_PROBS,
-        not batch.allow_nonfinite, want_grad, _parallel(batch))
+        not batch.allow_nonfinite, want_grad, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, not logits, False)
     return _result(batch, total, out, grad if want_grad else None)
 

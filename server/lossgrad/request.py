@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from . import catalog
@@ -34,6 +35,8 @@ from .kernels import _numerics as nm
 from .kernels.classification import label_stats
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Computed in float32: widened once on the way in (exact), rounded once on the way out.
+HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _EMPTY_F8 = np.empty(0, dtype=np.float64)
 _NO_IGNORE = np.iinfo(np.int64).min
@@ -62,21 +65,35 @@ class Batch:
     allow_nonfinite: bool
 
     shape: tuple[int, ...]  # the predictions' shape, which the gradient takes
+    out_dtype: np.dtype[Any] | None = None  # a half type the outputs go back to, if any
+    start: float = 0.0  # the sum of w * loss over the positions before these (a stream's)
 
 
 def prepare(loss: str, predictions: Any, targets: Any, reduction: Reduction | str,
             sample_weight: Any, allow_nonfinite: bool, params: dict[str, Any]) -> Batch:
     """Validate a request and return it as a ``Batch``."""
     spec = catalog.lookup(loss)
-    values = _resolve_params(spec, loss, params)
-    red = _reduction(reduction)
+    values = resolve_params(spec, loss, params)
+    return prepare_resolved(spec, values, reduction_of(reduction), predictions, targets,
+                            sample_weight, allow_nonfinite)
+
+
+def prepare_resolved(spec: LossSpec, params: dict[str, Any], red: Reduction, predictions: Any,
+                     targets: Any, sample_weight: Any, allow_nonfinite: bool) -> Batch:
+    """``prepare`` once the loss, its parameters and the reduction are resolved: what a
+    stream runs for each of its pieces."""
     x = _predictions(predictions, spec)
-    return _prepare(spec, values, red, x, targets, sample_weight, allow_nonfinite)
+    half = x.dtype if x.dtype in HALF_DTYPES else None
+    if half is not None:
+        x = x.astype(np.float32)  # the kernels' type; float32 holds every half value
+    batch = _prepare(spec, params, red, x, targets, sample_weight, allow_nonfinite)
+    batch.out_dtype = half
+    return batch
 
 
 # --- parameters and options ----------------------------------------------------------
 
-def _resolve_params(spec: LossSpec, name: str, given: dict[str, Any]) -> dict[str, Any]:
+def resolve_params(spec: LossSpec, name: str, given: dict[str, Any]) -> dict[str, Any]:
     preset = spec.alias_presets.get(name, {})
     values: dict[str, Any] = {p.name: p.default for p in spec.params}
     values.update(preset)
@@ -136,7 +153,7 @@ def _check_range(p: catalog.ParamSpec, field: str, v: float) -> None:
     raise InvalidArgumentError(field, f"{v!r} is outside {lo}, {hi}", PARAMETER_OUT_OF_RANGE)
 
 
-def _reduction(value: Reduction | str) -> Reduction:
+def reduction_of(value: Reduction | str) -> Reduction:
     if isinstance(value, Reduction):
         return value
     try:
@@ -174,9 +191,10 @@ def _check_shape_nonempty(arr: np.ndarray, field: str, min_ndim: int) -> None:
 
 def _predictions(value: Any, spec: LossSpec) -> np.ndarray:
     x = _array(value, "predictions")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES and x.dtype not in HALF_DTYPES:
         raise InvalidArgumentError(
-            "predictions.dtype", f"{x.dtype} is not supported; use float32 or float64",
+            "predictions.dtype",
+            f"{x.dtype} is not supported; use float32, float64, float16 or bfloat16",
             UNSUPPORTED_DTYPE)
     _check_shape_nonempty(x, "predictions", 1 if spec.layout is Layout.ELEMENTWISE else 2)
     return x
@@ -197,7 +215,7 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
         position_shape = x.shape if spec.layout is Layout.ELEMENTWISE else x.shape[:-1]
         _expect_shape(t, x.shape, "targets", "the predictions' shape")
         if t.dtype != x.dtype:
-            if t.dtype.kind not in "fiu":
+            if t.dtype.kind not in "fiu" and t.dtype not in HALF_DTYPES:
                 raise InvalidArgumentError(
                     "targets.dtype", f"{t.dtype} is not supported; use float32 or float64",
                     UNSUPPORTED_DTYPE)
@@ -211,9 +229,10 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
         t2 = t.reshape(-1) if spec.layout is Layout.SPARSE_ROWS else t.reshape(-1, c)
     positions = math.prod(position_shape)
     if spec.layout is Layout.SPARSE_ROWS:
-        weight_sum, counted = _sparse_weights(params, t2, x.shape[-1], w)
+        weight_sum, counted = sparse_weights(params, t2, x.shape[-1], w)
     elif w.size:
-        _, weight_sum, counted = nm.weight_stats(w)
+        _, total, acc, counted = nm.weight_stats(w, 0, 0.0, 0.0)
+        weight_sum = total + acc
     else:
         weight_sum, counted = float(positions), positions
     return Batch(spec, params, red, x2, t2, w, position_shape, weight_sum, counted,
@@ -230,7 +249,7 @@ def _sample_weight(value: Any, x: np.ndarray, position_shape: tuple[int, ...]) -
     if value is None:
         return _EMPTY_F8
     w = _array(value, "sample_weight")
-    if w.dtype.kind not in "fiu" or w.dtype.kind == "b":
+    if w.dtype.kind not in "fiu" and w.dtype not in HALF_DTYPES:
         raise InvalidArgumentError(
             "sample_weight.dtype", f"{w.dtype} is not supported; use float32 or float64",
             UNSUPPORTED_DTYPE)
@@ -248,7 +267,7 @@ def _sample_weight(value: Any, x: np.ndarray, position_shape: tuple[int, ...]) -
             f"{w.shape} must be {batch} (batch axis) or the per-position shape {position_shape}",
             SHAPE_MISMATCH)
     flat = np.ascontiguousarray(flat, dtype=np.float64)
-    bad, _, _ = nm.weight_stats(flat)
+    bad, _, _, _ = nm.weight_stats(flat, 0, 0.0, 0.0)
     if bad >= 0:
         raise InvalidArgumentError(
             f"sample_weight.data[{_source_index(bad, w.shape, position_shape)}]",
@@ -297,7 +316,7 @@ def check_nonfinite_total(batch: Batch, total: float, x_unit: bool, t_unit: bool
         _first_outside_unit(batch.t, "targets", "probabilities")
 
 
-def _sparse_weights(params: dict[str, Any], t: np.ndarray, c: int,
+def sparse_weights(params: dict[str, Any], t: np.ndarray, c: int,
                     w: np.ndarray) -> tuple[float, int]:
     cw = params["class_weight"]
     if cw is None:
@@ -309,11 +328,11 @@ def _sparse_weights(params: dict[str, Any], t: np.ndarray, c: int,
     params["class_weight"] = cw
     ignore = params["ignore_index"]
     params["ignore_index"] = _NO_IGNORE if ignore is None else ignore
-    bad, total, counted = label_stats(t, c, params["ignore_index"], cw, w)
+    bad, total, acc, counted = label_stats(t, c, params["ignore_index"], cw, w, 0, 0.0, 0.0)
     if bad >= 0:
         raise InvalidArgumentError(
             f"targets.data[{bad}]", f"class index {t[bad]} is outside [0, {c})",
             LABEL_OUT_OF_RANGE)
-    return total, counted
+    return total + acc, counted
 
 

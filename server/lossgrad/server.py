@@ -18,7 +18,6 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 import grpc_reflection.v1alpha.reflection as grpc_reflection
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import HealthServicer
@@ -29,7 +28,13 @@ from . import __version__, engine, kserve, wire
 from .auth import TokenAuthInterceptor
 from .concurrency import CallCountingExecutor, ConcurrencyLimitInterceptor
 from .errors import TOO_MANY_CONCURRENT_CALLS
-from .service import SERVICE_NAME, SUPPORTED_DTYPES, LossService, method_handlers
+from .service import (
+    DEFAULT_MAX_STREAM_CHUNKS,
+    SERVICE_NAME,
+    SUPPORTED_DTYPES,
+    LossService,
+    method_handlers,
+)
 from .telemetry import Telemetry
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -149,6 +154,8 @@ def create_server(
     max_workers: int = DEFAULT_MAX_WORKERS,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_elements: int | None = None,
+    max_stream_elements: int | None = None,
+    max_stream_chunks: int = DEFAULT_MAX_STREAM_CHUNKS,
     max_concurrent_rpcs: int | None = None,
     max_connection_age_s: float | None = None,
     reflection: bool = True,
@@ -177,6 +184,8 @@ def create_server(
             raise ValueError(f"{name} must be in [0, 65535], got {value}")
     for name, value in (("max_workers", max_workers), ("max_message_bytes", max_message_bytes),
                         ("max_elements", max_elements),
+                        ("max_stream_elements", max_stream_elements),
+                        ("max_stream_chunks", max_stream_chunks),
                         ("max_concurrent_rpcs", max_concurrent_rpcs)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -203,12 +212,14 @@ def create_server(
         info = ServerInfo(
             limits=pb.ServerLimits(max_message_bytes=max_message_bytes,
                                    max_elements=max_elements or 0,
-                                   max_concurrent_rpcs=max_concurrent_rpcs or 0),
+                                   max_concurrent_rpcs=max_concurrent_rpcs or 0,
+                                   max_stream_elements=max_stream_elements or 0,
+                                   max_stream_chunks=max_stream_chunks),
             features=pb.ServerFeatures(
                 reflection=reflection, tls=tls is not None,
                 mutual_tls=tls is not None and tls.client_ca is not None,
                 auth=auth_token is not None, metrics=metrics_port is not None,
-                kserve=kserve_api),
+                kserve=kserve_api, streaming=True),
             telemetry=telemetry)
         server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
                         max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,
@@ -264,8 +275,11 @@ def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None
             telemetry.observe(name, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None else handler
         for name, handler in method_handlers(
-            LossService(max_elements=max_elements, server_info=server_info)).items()
+            LossService(max_elements=max_elements, server_info=server_info,
+                        max_stream_elements=server_info.limits.max_stream_elements or None,
+                        max_stream_chunks=server_info.limits.max_stream_chunks)).items()
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -319,7 +333,8 @@ class ServerInfo:
     def __call__(self) -> pb.GetServerInfoResponse:
         return pb.GetServerInfoResponse(
             version=__version__,
-            supported_dtypes=[wire.data_type(np.dtype(name)) for name in SUPPORTED_DTYPES],
+            supported_dtypes=[wire.data_type(wire.numpy_dtype(name))
+                              for name in SUPPORTED_DTYPES],
             limits=self.limits, features=self.features,
             loss_statistics=[
                 pb.LossStatistics(loss=name, calls=calls, failed_calls=failed)

@@ -7,24 +7,35 @@ tensors, one copy of the response's); ListLosses uses the generated classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
-from lossgrad_client._wire import ComputeRequest, ComputeResponse, WireError, serialize_response
+from lossgrad_client._wire import (
+    ComputeRequest,
+    ComputeResponse,
+    StreamRequest,
+    StreamResponse,
+    WireError,
+    serialize_response,
+    serialize_stream_response,
+)
 
-from . import catalog, engine, wire
-from .errors import DeadlineExceededError
+from . import catalog, engine, stream, wire
+from .errors import MISSING_FIELD, DeadlineExceededError, InvalidArgumentError
 from .status import abort
 
 SERVICE_NAME = "lossgrad.v1.LossService"
 
 _KINDS = {kind: pb.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in catalog.InputKind}
 _PARAM_TYPES = {t: pb.ParamType.Value(f"PARAM_TYPE_{t.name}") for t in catalog.ParamType}
-SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64")
-_DTYPES = {name: wire.data_type(np.dtype(name)) for name in ("float32", "float64", "int32",
-                                                              "int64")}
+DEFAULT_MAX_STREAM_CHUNKS = 1_000_000
+SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64", "float16", "bfloat16")
+_DTYPES = {name: wire.data_type(wire.numpy_dtype(name)) for name in SUPPORTED_DTYPES}
 
 
 class LossService:
@@ -35,9 +46,13 @@ class LossService:
     """
 
     def __init__(self, *, max_elements: int | None = None,
+                 max_stream_elements: int | None = None,
+                 max_stream_chunks: int = DEFAULT_MAX_STREAM_CHUNKS,
                  server_info: Callable[[], pb.GetServerInfoResponse] | None = None) -> None:
         self._catalog = list_losses_response(catalog.LOSSES)
         self._max_elements = max_elements
+        self._max_stream_elements = max_stream_elements
+        self._max_stream_chunks = max_stream_chunks
         self._server_info = server_info or pb.GetServerInfoResponse
 
     def ComputeLoss(
@@ -64,6 +79,22 @@ class LossService:
             raise DeadlineExceededError("", "the deadline passed before the call was computed")
         return _compute(request, gradient=gradient)
 
+    def ComputeStream(
+        self, requests: Iterator[StreamRequest | WireError], context: grpc.ServicerContext
+    ) -> Iterator[StreamResponse]:
+        try:
+            messages = _checked(_prefetched(requests), context)
+            first = next(messages, None)
+            if first is None or first.header is None:
+                raise InvalidArgumentError("header", "the first message must carry the header",
+                                           MISSING_FIELD)
+            call = stream.StreamCall(first.header, max_elements=self._max_stream_elements,
+                                     max_chunks=self._max_stream_chunks)
+            yield call.ready()
+            yield from call.run(messages)
+        except Exception as err:
+            abort(context, err, "ComputeStream")
+
     def ListLosses(
         self, request: pb.ListLossesRequest, context: grpc.ServicerContext
     ) -> pb.ListLossesResponse:
@@ -73,6 +104,56 @@ class LossService:
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetServerInfoResponse:
         return self._server_info()
+
+
+def _checked(messages: Iterator[StreamRequest | WireError],
+             context: grpc.ServicerContext) -> Iterator[StreamRequest]:
+    """The stream's parsed messages; a malformed one, a passed deadline or a cancelled
+    call ends it."""
+    for index, message in enumerate(messages):
+        if isinstance(message, WireError):
+            raise wire.parsed_error(message, f"chunk[{index - 1}]" if index else "header")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("", "the deadline passed during the stream")
+        yield message
+
+
+def _prefetched(requests: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Read the next messages on a thread of their own while the caller computes, so that
+    receiving overlaps computing; at most ``depth`` read-ahead messages are held."""
+    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for message in requests:
+                if not put(("message", message)):
+                    return
+            put(("end", None))
+        except Exception as err:  # the call was cancelled or its deadline passed
+            put(("error", err))
+
+    threading.Thread(target=pump, name="lossgrad-stream-read", daemon=True).start()
+    try:
+        while True:
+            kind, item = ahead.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
@@ -90,6 +171,9 @@ def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
             service.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
             response_serializer=pb.GetServerInfoResponse.SerializeToString),
+        "ComputeStream": grpc.stream_stream_rpc_method_handler(
+            service.ComputeStream, request_deserializer=wire.deserialize_stream_request,
+            response_serializer=serialize_stream_response),
     }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from lossgrad_client import _wire
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
@@ -38,6 +39,8 @@ _DTYPES: dict[int, np.dtype[Any]] = {
     pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     pb.DATA_TYPE_INT32: np.dtype("<i4"),
     pb.DATA_TYPE_INT64: np.dtype("<i8"),
+    pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    pb.DATA_TYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
 _DATA_TYPES: dict[str, int] = {dt.name: code for code, dt in _DTYPES.items()}
 
@@ -66,6 +69,11 @@ def data_type(dtype: np.dtype[Any]) -> int:
         raise ValueError(f"no wire DataType for dtype {dtype}") from None
 
 
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """The little-endian NumPy dtype of a dtype name ("bfloat16" is ml_dtypes')."""
+    return _DTYPES[_DATA_TYPES[name]]
+
+
 def deserialize_request(data: bytes) -> _wire.ComputeRequest | _wire.WireError:
     """The gRPC request deserializer of ComputeLoss and ComputeGradient. Never raises: a
     deserializer that raises ends the call with a bare INTERNAL, so a malformed message
@@ -79,9 +87,21 @@ def deserialize_request(data: bytes) -> _wire.ComputeRequest | _wire.WireError:
 def parsed(request: _wire.ComputeRequest | _wire.WireError) -> _wire.ComputeRequest:
     """Return the parsed request, or raise MALFORMED_REQUEST for bytes that were not one."""
     if isinstance(request, _wire.WireError):
-        raise InvalidArgumentError(
-            "request", f"not a valid protobuf message: {request}", MALFORMED_REQUEST)
+        raise parsed_error(request, "request")
     return request
+
+
+def parsed_error(err: _wire.WireError, field: str) -> InvalidArgumentError:
+    """MALFORMED_REQUEST for the bytes of ``field`` that were not a valid message."""
+    return InvalidArgumentError(field, f"not a valid protobuf message: {err}", MALFORMED_REQUEST)
+
+
+def deserialize_stream_request(data: bytes) -> _wire.StreamRequest | _wire.WireError:
+    """The request deserializer of ComputeStream; never raises (see deserialize_request)."""
+    try:
+        return _wire.parse_stream_request(data)
+    except _wire.WireError as err:
+        return err
 
 
 def decode_tensor(tensor: _wire.Tensor, field: str) -> np.ndarray:

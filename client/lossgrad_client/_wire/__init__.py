@@ -24,17 +24,25 @@ shape entries goes to the generated parser instead (C speed, whatever the count)
 Malformed bytes raise :class:`WireError` naming the field; nothing else is raised.
 """
 
-from .decode import parse_request, parse_response
-from .encode import serialize_request, serialize_response
+from .decode import parse_request, parse_response, parse_stream_request, parse_stream_response
+from .encode import (
+    serialize_request,
+    serialize_response,
+    serialize_stream_request,
+    serialize_stream_response,
+)
 from .messages import (
     DATA_TYPES,
     LITTLE_ENDIAN,
     Buffer,
     ComputeRequest,
     ComputeResponse,
+    StreamRequest,
+    StreamResponse,
     Tensor,
     WireError,
     data_type,
+    wire_dtype,
 )
 
 __all__ = [
@@ -43,11 +51,18 @@ __all__ = [
     "Buffer",
     "ComputeRequest",
     "ComputeResponse",
+    "StreamRequest",
+    "StreamResponse",
     "Tensor",
     "WireError",
     "data_type",
     "parse_request",
     "parse_response",
+    "parse_stream_request",
+    "parse_stream_response",
     "serialize_request",
     "serialize_response",
+    "serialize_stream_request",
+    "serialize_stream_response",
+    "wire_dtype",
 ]

@@ -18,6 +18,8 @@ from .messages import (
     Buffer,
     ComputeRequest,
     ComputeResponse,
+    StreamRequest,
+    StreamResponse,
     Tensor,
     WireError,
 )
@@ -34,6 +36,10 @@ _REQUEST_FIELDS = {1: ("loss", "string"), 2: ("predictions", "tensor"),
 _RESPONSE_FIELDS = {1: ("loss", "double"), 2: ("losses", "tensor"), 3: ("positions", "int64"),
                     4: ("positions_counted", "int64"), 5: ("weight_sum", "double"),
                     6: ("gradient", "tensor")}
+_STREAM_REQUEST_FIELDS = {1: ("header", "message"), 2: ("predictions", "tensor"),
+                          3: ("targets", "tensor"), 4: ("sample_weight", "tensor")}
+_STREAM_RESPONSE_FIELDS = {1: ("ready", "message"), 2: ("gradient", "tensor"),
+                           3: ("losses", "tensor"), 4: ("summary", "message")}
 _TENSOR_FIELDS = {1: ("dtype", "int32"), 2: ("shape", "shape"), 3: ("data", "bytes")}
 _TENSOR_NAMES = {path: {number: f"{path}.{name}" for number, (name, _) in _TENSOR_FIELDS.items()}
                  for path in ("predictions", "targets", "sample_weight", "losses", "gradient")}
@@ -69,6 +75,41 @@ def parse_response(data: Buffer) -> ComputeResponse:
         message = _generated(pb.ComputeGradientResponse, data, "response")
         values = {name: _field(message, name) for name, _ in _RESPONSE_FIELDS.values()}
     return ComputeResponse(**values)
+
+
+def parse_stream_request(data: Buffer) -> StreamRequest:
+    """Parse a ComputeStreamRequest; raise WireError if malformed. Chunk data are views."""
+    try:
+        values = _Reader(data).message(_STREAM_REQUEST_FIELDS, "request")
+    except _TooManySteps:
+        message = _generated(pb.ComputeStreamRequest, data, "request")
+        return StreamRequest(**{name: _field(message, name) for name, _ in
+                                _STREAM_REQUEST_FIELDS.values()})
+    if "header" in values:
+        values["header"] = _merged(pb.ComputeStreamHeader, values["header"], "header")
+    return StreamRequest(**values)
+
+
+def parse_stream_response(data: Buffer) -> StreamResponse:
+    """Parse a ComputeStreamResponse; raise WireError if malformed."""
+    try:
+        values = _Reader(data).message(_STREAM_RESPONSE_FIELDS, "response")
+    except _TooManySteps:
+        message = _generated(pb.ComputeStreamResponse, data, "response")
+        return StreamResponse(**{name: _field(message, name) for name, _ in
+                                 _STREAM_RESPONSE_FIELDS.values()})
+    for name, cls in (("ready", pb.ComputeStreamReady), ("summary", pb.ComputeLossResponse)):
+        if name in values:
+            values[name] = _merged(cls, values[name], name)
+    return StreamResponse(**values)
+
+
+def _merged(cls: Callable[[], Message], parts: list[memoryview], field: str) -> Any:
+    """An embedded message from its occurrences (each merges into the ones before)."""
+    message = cls()
+    for part in parts:
+        _merge(message, part, field)
+    return message
 
 
 def _generated(cls: Callable[[], Message], data: Buffer, field: str) -> Any:

@@ -13,6 +13,8 @@ from .messages import (
     Buffer,
     ComputeRequest,
     ComputeResponse,
+    StreamRequest,
+    StreamResponse,
     Tensor,
 )
 
@@ -64,6 +66,38 @@ def serialize_response(response: ComputeResponse, *, align: bool = True) -> byte
     offset += len(middle)
     if response.gradient is not None:
         _put_tensor(parts, offset, 6, response.gradient, align)
+    return b"".join(parts)
+
+
+def serialize_stream_request(request: StreamRequest, *, align: bool = True) -> bytes:
+    """Encode a ComputeStreamRequest: the header (small, by the generated class) and the
+    chunk's tensors, each copied once. ``align`` as in :func:`serialize_request`."""
+    head = bytearray()
+    if request.header is not None:
+        _put_bytes(head, 1, request.header.SerializeToString(deterministic=True))
+    parts: list[Buffer] = [head]
+    offset = len(head)
+    for number, tensor in ((2, request.predictions), (3, request.targets),
+                           (4, request.sample_weight)):
+        if tensor is not None:
+            offset = _put_tensor(parts, offset, number, tensor, align)
+    return b"".join(parts)
+
+
+def serialize_stream_response(response: StreamResponse, *, align: bool = True) -> bytes:
+    """Encode a ComputeStreamResponse; ``align`` as in :func:`serialize_request`."""
+    head = bytearray()
+    if response.ready is not None:
+        _put_bytes(head, 1, response.ready.SerializeToString(deterministic=True))
+    parts: list[Buffer] = [head]
+    offset = len(head)
+    for number, tensor in ((2, response.gradient), (3, response.losses)):
+        if tensor is not None:
+            offset = _put_tensor(parts, offset, number, tensor, align)
+    if response.summary is not None:
+        tail = bytearray()
+        _put_bytes(tail, 4, response.summary.SerializeToString(deterministic=True))
+        parts.append(tail)
     return b"".join(parts)
 
 

@@ -390,20 +390,29 @@ def first_outside(a, lo, hi):  # type: ignore[no-untyped-def]
     return -1
 
 
-@numba.njit(nt.Tuple((i8, f8, i8))(In(f8)), nogil=True, cache=True)
-def weight_stats(w):  # type: ignore[no-untyped-def]
-    """(first index that is negative or non-finite or -1, fixed-order sum, non-zeros)."""
-    total = 0.0
+@numba.njit(nt.Tuple((i8, f8, f8, i8))(In(f8), i8, f8, f8), nogil=True, cache=True)
+def weight_stats(w, offset, total, acc):  # type: ignore[no-untyped-def]
+    """(first index that is negative or non-finite or -1, total, acc, non-zeros).
+
+    The sum runs in a fixed order over blocks of BLOCK positions aligned to absolute
+    positions: ``w`` starts at position ``offset``, ``total`` holds the finished blocks
+    before it and ``acc`` the unfinished block's part. The sum is ``total + acc``; the
+    same whether the weights come in one call or in consecutive pieces.
+    """
     count = 0
     n = w.size
-    for lo in range(0, n, BLOCK):
-        acc = 0.0
-        for k in range(lo, min(lo + BLOCK, n)):
-            v = w[k]
+    k = 0
+    while k < n:
+        end = min(n, k + BLOCK - (offset + k) % BLOCK)
+        for j in range(k, end):
+            v = w[j]
             if not (v >= 0.0 and math.isfinite(v)):
-                return k, 0.0, 0
+                return j, 0.0, 0.0, 0
             acc += v
             if v > 0.0:
                 count += 1
-        total += acc
-    return -1, total, count
+        if (offset + end) % BLOCK == 0:
+            total += acc
+            acc = 0.0
+        k = end
+    return -1, total, acc, count

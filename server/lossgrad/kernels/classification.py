@@ -228,32 +228,38 @@ def sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: igno
     return loss
 
 
-@numba.njit(nt.Tuple((i8, f8, i8))(In(i8), i8, i8, In(f8), In(f8)), nogil=True, cache=True)
-def label_stats(y, c, ignore, cw, s):  # type: ignore[no-untyped-def]
+@numba.njit(nt.Tuple((i8, f8, f8, i8))(In(i8), i8, i8, In(f8), In(f8), i8, f8, f8),
+            nogil=True, cache=True)
+def label_stats(y, c, ignore, cw, s, offset, total, acc):  # type: ignore[no-untyped-def]
     """Check class indices and sum the row weights s_i w_{y_i} of non-ignored rows.
 
-    Returns (first index out of [0, c) that is not ``ignore``, or -1; weight sum; rows
-    with non-zero weight).
+    Returns (first index out of [0, c) that is not ``ignore``, or -1; total; acc; rows
+    with non-zero weight). The sum is ``total + acc``, over blocks of BLOCK rows aligned
+    to absolute rows, resumable as ``_numerics.weight_stats`` is (``y`` starts at row
+    ``offset``).
     """
     has_s = s.size > 0
     has_cw = cw.size > 0
-    total = 0.0
     count = 0
     n = y.size
-    for lo in range(0, n, BLOCK):
-        acc = 0.0
-        for k in range(lo, min(lo + BLOCK, n)):
-            yk = y[k]
-            if yk == ignore:
+    k = 0
+    while k < n:
+        end = min(n, k + BLOCK - (offset + k) % BLOCK)
+        for j in range(k, end):
+            yj = y[j]
+            if yj == ignore:
                 continue
-            if yk < 0 or yk >= c:
-                return k, 0.0, 0
-            wk = (cw[yk] if has_cw else 1.0) * (s[k] if has_s else 1.0)
-            acc += wk
-            if wk > 0.0:
+            if yj < 0 or yj >= c:
+                return j, 0.0, 0.0, 0
+            wj = (cw[yj] if has_cw else 1.0) * (s[j] if has_s else 1.0)
+            acc += wj
+            if wj > 0.0:
                 count += 1
-        total += acc
-    return -1, total, count
+        if (offset + end) % BLOCK == 0:
+            total += acc
+            acc = 0.0
+        k = end
+    return -1, total, acc, count
 
 
 @kernel(lambda F: nt.Tuple((i8, i8))(In(F)))

@@ -3,8 +3,11 @@
 A driver cuts the batch into fixed blocks (``BLOCK`` elements, or ``BLOCK // C`` rows),
 runs them in parallel above ``PARALLEL_MIN`` elements and serially below, and adds the
 blocks' float64 sums in block order: the same inputs give the same bits for any thread
-count. Per block it applies the per-position weights ``w`` (empty: all 1), writes the
-weighted per-position losses to ``out`` (empty: not wanted) and
+count. Blocks are aligned to the start of the arrays, and the sum continues from
+``start``: a batch cut at block boundaries into consecutive calls, each given the total
+of the calls before, gives the bits of one call over the whole batch (what a
+ComputeStream relies on). Per block it applies the per-position weights ``w`` (empty:
+all 1), writes the weighted per-position losses to ``out`` (empty: not wanted) and
 ``scale * w * d loss / d x`` to ``grad``. Drivers return the sum of w * loss: NaN or Inf
 when an input is invalid (see ``_numerics.poison``), and only then does the engine look
 for the offending value.
@@ -56,9 +59,9 @@ def loop(fn):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True)
-def _combine(sums):  # type: ignore[no-untyped-def]
-    """Add the blocks' sums in block order (fixed, whatever ran them)."""
-    total = 0.0
+def _combine(sums, start):  # type: ignore[no-untyped-def]
+    """Add the blocks' sums to ``start`` in block order (fixed, whatever ran them)."""
+    total = start
     for blk in range(sums.size):
         total += sums[blk]
     return total
@@ -119,9 +122,9 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict):  # type: i
     return block_sum(lb)
 
 
-@kernel(lambda F: f8(In(F), In(F), In(f8), Out(F), Out(F), f8, i8, f8, f8, b1, b1),
+@kernel(lambda F: f8(In(F), In(F), In(f8), Out(F), Out(F), f8, i8, f8, f8, b1, b1, f8),
         parallel=True)
-def elementwise(x, y, w, out, grad, scale, op, a, b, strict, parallel):  # type: ignore[no-untyped-def]
+def elementwise(x, y, w, out, grad, scale, op, a, b, strict, parallel, start):  # type: ignore[no-untyped-def]
     nb = (x.size + BLOCK - 1) // BLOCK
     sums = np.empty(nb)
     if parallel:
@@ -130,7 +133,7 @@ def elementwise(x, y, w, out, grad, scale, op, a, b, strict, parallel):  # type:
     else:
         for blk in range(nb):
             sums[blk] = _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict)
-    return _combine(sums)
+    return _combine(sums, start)
 
 
 # --- rows against rows (dense targets) -------------------------------------------------
@@ -171,9 +174,9 @@ def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad):  # t
     return _dense_loop(kl_log_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
 
 
-@kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), f8, i8, f8, b1, b1, b1),
-        parallel=True)
-def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel):  # type: ignore[no-untyped-def]
+@kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), f8, i8, f8, b1, b1, b1,
+                    f8), parallel=True)
+def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel, start):  # type: ignore[no-untyped-def]
     """Rows of predictions against rows of targets; ``grad`` is (0, C) when not wanted."""
     per = max(1, BLOCK // x.shape[1])
     nb = (x.shape[0] + per - 1) // per
@@ -184,7 +187,7 @@ def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel):  
     else:
         for blk in range(nb):
             sums[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad)
-    return _combine(sums)
+    return _combine(sums, start)
 
 
 # --- rows against class indices --------------------------------------------------------
@@ -239,9 +242,9 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # ty
 
 
 @kernel(lambda F: f8(In(F, 2), In(i8), In(f8), In(f8), Out(F), Out(F, 2), f8, i8, f8, i8,
-                    b1, b1, b1), parallel=True)
+                    b1, b1, b1, f8), parallel=True)
 def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, strict,  # type: ignore[no-untyped-def]
-                want_grad, parallel):
+                want_grad, parallel, start):
     """Cross-entropy against class indices (see ``classification.sparse_*_row``). Rows whose
     target is ``ignore`` contribute 0; ``s`` holds per-row sample weights."""
     total_w = 0.0
@@ -260,4 +263,4 @@ def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, strict,  #
         for blk in range(nb):
             sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,
                                       smoothing, strict, want_grad)
-    return _combine(sums)
+    return _combine(sums, start)

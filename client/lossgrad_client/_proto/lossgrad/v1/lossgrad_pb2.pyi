@@ -48,6 +48,16 @@ class _DataTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataType.Val
     """Two's complement 32-bit integer, 4 bytes per element (class indices)."""
     DATA_TYPE_INT64: _DataType.ValueType  # 4
     """Two's complement 64-bit integer, 8 bytes per element (class indices)."""
+    DATA_TYPE_FLOAT16: _DataType.ValueType  # 5
+    """IEEE 754 binary16, 2 bytes per element. Predictions (and float targets and
+    weights): the server widens them to float32 exactly, computes in float32 with
+    float64 sums, and rounds per-position losses and the gradient back to float16
+    (round to nearest, ties to even).
+    """
+    DATA_TYPE_BFLOAT16: _DataType.ValueType  # 6
+    """bfloat16 (the upper 16 bits of a binary32), 2 bytes per element; handled as
+    DATA_TYPE_FLOAT16 is (float32 compute, round to nearest even on the way back).
+    """
 
 class DataType(_DataType, metaclass=_DataTypeEnumTypeWrapper):
     """DataType is the element type of a tensor."""
@@ -62,6 +72,16 @@ DATA_TYPE_INT32: DataType.ValueType  # 3
 """Two's complement 32-bit integer, 4 bytes per element (class indices)."""
 DATA_TYPE_INT64: DataType.ValueType  # 4
 """Two's complement 64-bit integer, 8 bytes per element (class indices)."""
+DATA_TYPE_FLOAT16: DataType.ValueType  # 5
+"""IEEE 754 binary16, 2 bytes per element. Predictions (and float targets and
+weights): the server widens them to float32 exactly, computes in float32 with
+float64 sums, and rounds per-position losses and the gradient back to float16
+(round to nearest, ties to even).
+"""
+DATA_TYPE_BFLOAT16: DataType.ValueType  # 6
+"""bfloat16 (the upper 16 bits of a binary32), 2 bytes per element; handled as
+DATA_TYPE_FLOAT16 is (float32 compute, round to nearest even on the way back).
+"""
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
 class _Reduction:
@@ -484,6 +504,195 @@ class ComputeGradientResponse(_message.Message):
 Global___ComputeGradientResponse: _TypeAlias = ComputeGradientResponse  # noqa: Y015
 
 @_typing.final
+class ComputeStreamRequest(_message.Message):
+    """ComputeStreamRequest is one message of a ComputeStream call: the header, or a chunk."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    SAMPLE_WEIGHT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___ComputeStreamHeader:
+        """First message only (and then nothing else is set): what to compute."""
+
+    @_builtins.property
+    def predictions(self) -> Global___Tensor:
+        """Chunk: the next rows (leading axis) of the predictions; dtype and trailing
+        dimensions as declared in the header. Not set in a weight-pass chunk.
+        """
+
+    @_builtins.property
+    def targets(self) -> Global___Tensor:
+        """Chunk: the same rows of the targets."""
+
+    @_builtins.property
+    def sample_weight(self) -> Global___Tensor:
+        """Chunk: the same rows of the sample weights, when the header declares them."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___ComputeStreamHeader | None = ...,
+        predictions: Global___Tensor | None = ...,
+        targets: Global___Tensor | None = ...,
+        sample_weight: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeStreamRequest: _TypeAlias = ComputeStreamRequest  # noqa: Y015
+
+@_typing.final
+class ComputeStreamHeader(_message.Message):
+    """ComputeStreamHeader says what a ComputeStream call computes; the fields mean what
+    those of ComputeGradientRequest do, except that the tensors carry no data: only the
+    dtype and the full shape. Every declared tensor shares the leading axis, along which
+    the chunks cut it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOSS_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    SAMPLE_WEIGHT_FIELD_NUMBER: _builtins.int
+    REDUCTION_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    ALLOW_NONFINITE_FIELD_NUMBER: _builtins.int
+    GRADIENT_FIELD_NUMBER: _builtins.int
+    loss: _builtins.str
+    """Loss name or alias from ListLosses."""
+    reduction: Global___Reduction.ValueType
+    """How per-position losses are combined. Unset means REDUCTION_MEAN."""
+    allow_nonfinite: _builtins.bool
+    """Accept NaN and Inf in the inputs instead of rejecting them."""
+    gradient: _builtins.bool
+    """Return the gradient (as ComputeGradient); false: the loss only (as ComputeLoss)."""
+    @_builtins.property
+    def predictions(self) -> Global___Tensor:
+        """Dtype and full shape of the predictions; `data` must be empty."""
+
+    @_builtins.property
+    def targets(self) -> Global___Tensor:
+        """Dtype and full shape of the targets; `data` must be empty."""
+
+    @_builtins.property
+    def sample_weight(self) -> Global___Tensor:
+        """Dtype and full shape of the sample weights, if any; `data` must be empty."""
+
+    @_builtins.property
+    def params(self) -> Global___LossParams:
+        """Loss parameters."""
+
+    def __init__(
+        self,
+        *,
+        loss: _builtins.str = ...,
+        predictions: Global___Tensor | None = ...,
+        targets: Global___Tensor | None = ...,
+        sample_weight: Global___Tensor | None = ...,
+        reduction: Global___Reduction.ValueType = ...,
+        params: Global___LossParams | None = ...,
+        allow_nonfinite: _builtins.bool = ...,
+        gradient: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "gradient", b"gradient", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeStreamHeader: _TypeAlias = ComputeStreamHeader  # noqa: Y015
+
+@_typing.final
+class ComputeStreamReady(_message.Message):
+    """ComputeStreamReady answers a valid header: how the client sends the chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCK_ROWS_FIELD_NUMBER: _builtins.int
+    WEIGHT_PASS_FIELD_NUMBER: _builtins.int
+    WEIGHT_PASS_TARGETS_FIELD_NUMBER: _builtins.int
+    block_rows: _builtins.int
+    """Chunks whose row counts (all but the last) are multiples of this are processed
+    in place; any other row counts give the same bits, at the cost of a copy of up to
+    this many rows per chunk.
+    """
+    weight_pass: _builtins.bool
+    """A weight pass comes first: the gradient is wanted with REDUCTION_MEAN and the
+    divisor depends on the data (sample_weight is set, or ignore_index or class_weight).
+    """
+    weight_pass_targets: _builtins.bool
+    """The weight pass chunks carry the targets too (class indices: ignore_index and
+    class_weight depend on them).
+    """
+    def __init__(
+        self,
+        *,
+        block_rows: _builtins.int = ...,
+        weight_pass: _builtins.bool = ...,
+        weight_pass_targets: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_rows", b"block_rows", "weight_pass", b"weight_pass", "weight_pass_targets", b"weight_pass_targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeStreamReady: _TypeAlias = ComputeStreamReady  # noqa: Y015
+
+@_typing.final
+class ComputeStreamResponse(_message.Message):
+    """ComputeStreamResponse is one message of a ComputeStream call's answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_FIELD_NUMBER: _builtins.int
+    GRADIENT_FIELD_NUMBER: _builtins.int
+    LOSSES_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ready(self) -> Global___ComputeStreamReady:
+        """First message: the header was accepted."""
+
+    @_builtins.property
+    def gradient(self) -> Global___Tensor:
+        """The gradient of the next rows, in the predictions' dtype and trailing dimensions."""
+
+    @_builtins.property
+    def losses(self) -> Global___Tensor:
+        """REDUCTION_NONE: the per-position losses of the next rows, in the predictions'
+        dtype.
+        """
+
+    @_builtins.property
+    def summary(self) -> Global___ComputeLossResponse:
+        """Last message: the loss and the counts, as ComputeLoss returns them (without
+        `losses`, which came in chunks).
+        """
+
+    def __init__(
+        self,
+        *,
+        ready: Global___ComputeStreamReady | None = ...,
+        gradient: Global___Tensor | None = ...,
+        losses: Global___Tensor | None = ...,
+        summary: Global___ComputeLossResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "losses", b"losses", "ready", b"ready", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "losses", b"losses", "ready", b"ready", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeStreamResponse: _TypeAlias = ComputeStreamResponse  # noqa: Y015
+
+@_typing.final
 class ListLossesRequest(_message.Message):
     """ListLossesRequest asks for the catalog."""
 
@@ -604,6 +813,8 @@ class ServerLimits(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_ELEMENTS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _builtins.int
+    MAX_STREAM_ELEMENTS_FIELD_NUMBER: _builtins.int
+    MAX_STREAM_CHUNKS_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request or response message, in bytes; a larger one gets
     RESOURCE_EXHAUSTED.
@@ -614,16 +825,24 @@ class ServerLimits(_message.Message):
     """
     max_concurrent_rpcs: _builtins.int
     """Most calls in progress or queued at once; 0 for no limit."""
+    max_stream_elements: _builtins.int
+    """Most tensor elements one ComputeStream call may declare; 0 for no limit."""
+    max_stream_chunks: _builtins.int
+    """Most chunk messages (weight pass and data pass together) in one ComputeStream
+    call; more get INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         max_message_bytes: _builtins.int = ...,
         max_elements: _builtins.int = ...,
         max_concurrent_rpcs: _builtins.int = ...,
+        max_stream_elements: _builtins.int = ...,
+        max_stream_chunks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_rpcs", b"max_concurrent_rpcs", "max_elements", b"max_elements", "max_message_bytes", b"max_message_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_rpcs", b"max_concurrent_rpcs", "max_elements", b"max_elements", "max_message_bytes", b"max_message_bytes", "max_stream_chunks", b"max_stream_chunks", "max_stream_elements", b"max_stream_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -640,6 +859,7 @@ class ServerFeatures(_message.Message):
     MUTUAL_TLS_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
     KSERVE_FIELD_NUMBER: _builtins.int
     reflection: _builtins.bool
     """gRPC server reflection is served."""
@@ -651,6 +871,8 @@ class ServerFeatures(_message.Message):
     """Calls other than health and reflection need a bearer token."""
     metrics: _builtins.bool
     """Prometheus metrics are served over HTTP."""
+    streaming: _builtins.bool
+    """ComputeStream is served."""
     kserve: _builtins.bool
     """The Open Inference Protocol (KServe v2) API, inference.GRPCInferenceService,
     is served on the same port: each loss is a model.
@@ -663,11 +885,12 @@ class ServerFeatures(_message.Message):
         mutual_tls: _builtins.bool = ...,
         auth: _builtins.bool = ...,
         metrics: _builtins.bool = ...,
+        streaming: _builtins.bool = ...,
         kserve: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,11 @@ class LossServiceStub:
                 request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.ComputeStream = channel.stream_stream(
+                '/lossgrad.v1.LossService/ComputeStream',
+                request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamRequest.SerializeToString,
+                response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -90,6 +95,34 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeStream(self, request_iterator, context):
+        """ComputeStream computes a loss, and optionally its gradient, over tensors sent in
+        chunks along their leading axis: for requests larger than one message may be. The
+        server holds O(chunk) memory, never the whole tensors, and the results are
+        bit-identical to ComputeLoss/ComputeGradient on the same inputs, whatever the chunk
+        sizes and the thread count. The messages, in order:
+        1. client: a ComputeStreamRequest with only `header` set.
+        2. server: a ComputeStreamResponse with only `ready` set.
+        3. client, if ready.weight_pass: the weight pass, chunks that carry `targets` (if
+        ready.weight_pass_targets) and `sample_weight` (if declared) for every row, in
+        order. The server sums the weights, so that the divisor of REDUCTION_MEAN is
+        known before the first gradient value is computed: each gradient element is then
+        scaled exactly as the unary call scales it (one rounding, not two).
+        4. client: the data pass, chunks that carry the next rows of `predictions`,
+        `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
+        then the client half-closes.
+        5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
+        for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
+        not match the chunks'. Last: one with only `summary` set.
+        Errors end the call with a status, as for the unary calls; a malformed stream
+        (missing or repeated header, a chunk whose dtype, trailing shape or byte size
+        differs from the header's, more rows or chunks than declared or allowed) gets
+        INVALID_ARGUMENT naming the field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +145,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoRequest.FromString,
                     response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'ComputeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeStream,
+                    request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamRequest.FromString,
+                    response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +261,33 @@ class LossService:
             '/lossgrad.v1.LossService/GetServerInfo',
             lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoRequest.SerializeToString,
             lossgrad_dot_v1_dot_lossgrad__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lossgrad.v1.LossService/ComputeStream',
+            lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamRequest.SerializeToString,
+            lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,30 @@ class LossServiceStub:
     """GetServerInfo returns the server's version, supported dtypes, limits, enabled
     features and per-loss call counts.
     """
+    ComputeStream: _grpc.StreamStreamMultiCallable[_lossgrad_pb2.ComputeStreamRequest, _lossgrad_pb2.ComputeStreamResponse]
+    """ComputeStream computes a loss, and optionally its gradient, over tensors sent in
+    chunks along their leading axis: for requests larger than one message may be. The
+    server holds O(chunk) memory, never the whole tensors, and the results are
+    bit-identical to ComputeLoss/ComputeGradient on the same inputs, whatever the chunk
+    sizes and the thread count. The messages, in order:
+    1. client: a ComputeStreamRequest with only `header` set.
+    2. server: a ComputeStreamResponse with only `ready` set.
+    3. client, if ready.weight_pass: the weight pass, chunks that carry `targets` (if
+       ready.weight_pass_targets) and `sample_weight` (if declared) for every row, in
+       order. The server sums the weights, so that the divisor of REDUCTION_MEAN is
+       known before the first gradient value is computed: each gradient element is then
+       scaled exactly as the unary call scales it (one rounding, not two).
+    4. client: the data pass, chunks that carry the next rows of `predictions`,
+       `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
+       then the client half-closes.
+    5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
+       for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
+       not match the chunks'. Last: one with only `summary` set.
+    Errors end the call with a status, as for the unary calls; a malformed stream
+    (missing or repeated header, a chunk whose dtype, trailing shape or byte size
+    differs from the header's, more rows or chunks than declared or allowed) gets
+    INVALID_ARGUMENT naming the field.
+    """
 
 @_typing.type_check_only
 class LossServiceAsyncStub(LossServiceStub):
@@ -71,6 +95,30 @@ class LossServiceAsyncStub(LossServiceStub):
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_lossgrad_pb2.GetServerInfoRequest, _lossgrad_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """GetServerInfo returns the server's version, supported dtypes, limits, enabled
     features and per-loss call counts.
+    """
+    ComputeStream: _aio.StreamStreamMultiCallable[_lossgrad_pb2.ComputeStreamRequest, _lossgrad_pb2.ComputeStreamResponse]  # type: ignore[assignment]
+    """ComputeStream computes a loss, and optionally its gradient, over tensors sent in
+    chunks along their leading axis: for requests larger than one message may be. The
+    server holds O(chunk) memory, never the whole tensors, and the results are
+    bit-identical to ComputeLoss/ComputeGradient on the same inputs, whatever the chunk
+    sizes and the thread count. The messages, in order:
+    1. client: a ComputeStreamRequest with only `header` set.
+    2. server: a ComputeStreamResponse with only `ready` set.
+    3. client, if ready.weight_pass: the weight pass, chunks that carry `targets` (if
+       ready.weight_pass_targets) and `sample_weight` (if declared) for every row, in
+       order. The server sums the weights, so that the divisor of REDUCTION_MEAN is
+       known before the first gradient value is computed: each gradient element is then
+       scaled exactly as the unary call scales it (one rounding, not two).
+    4. client: the data pass, chunks that carry the next rows of `predictions`,
+       `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
+       then the client half-closes.
+    5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
+       for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
+       not match the chunks'. Last: one with only `summary` set.
+    Errors end the call with a status, as for the unary calls; a malformed stream
+    (missing or repeated header, a chunk whose dtype, trailing shape or byte size
+    differs from the header's, more rows or chunks than declared or allowed) gets
+    INVALID_ARGUMENT naming the field.
     """
 
 class LossServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -108,6 +156,36 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lossgrad_pb2.GetServerInfoResponse, _abc.Awaitable[_lossgrad_pb2.GetServerInfoResponse]]:
         """GetServerInfo returns the server's version, supported dtypes, limits, enabled
         features and per-loss call counts.
+        """
+
+    @_abc_1.abstractmethod
+    def ComputeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_lossgrad_pb2.ComputeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lossgrad_pb2.ComputeStreamResponse], _abc.AsyncIterator[_lossgrad_pb2.ComputeStreamResponse]]:
+        """ComputeStream computes a loss, and optionally its gradient, over tensors sent in
+        chunks along their leading axis: for requests larger than one message may be. The
+        server holds O(chunk) memory, never the whole tensors, and the results are
+        bit-identical to ComputeLoss/ComputeGradient on the same inputs, whatever the chunk
+        sizes and the thread count. The messages, in order:
+        1. client: a ComputeStreamRequest with only `header` set.
+        2. server: a ComputeStreamResponse with only `ready` set.
+        3. client, if ready.weight_pass: the weight pass, chunks that carry `targets` (if
+           ready.weight_pass_targets) and `sample_weight` (if declared) for every row, in
+           order. The server sums the weights, so that the divisor of REDUCTION_MEAN is
+           known before the first gradient value is computed: each gradient element is then
+           scaled exactly as the unary call scales it (one rounding, not two).
+        4. client: the data pass, chunks that carry the next rows of `predictions`,
+           `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
+           then the client half-closes.
+        5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
+           for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
+           not match the chunks'. Last: one with only `summary` set.
+        Errors end the call with a status, as for the unary calls; a malformed stream
+        (missing or repeated header, a chunk whose dtype, trailing shape or byte size
+        differs from the header's, more rows or chunks than declared or allowed) gets
+        INVALID_ARGUMENT naming the field.
         """
 
 def add_LossServiceServicer_to_server(servicer: LossServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
