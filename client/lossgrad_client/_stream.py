@@ -104,6 +104,7 @@ class StreamPlan:
                                                                            x.dtype)
             self.grad = out
         self.losses: npt.NDArray[Any] | None = None
+        self.loss_shape: tuple[int, ...] = self.shape
         self.grad_rows = self.loss_rows = 0
         self.ready: pb.ComputeStreamReady | None = None
         self.summary: pb.ComputeLossResponse | None = None
@@ -127,6 +128,7 @@ class StreamPlan:
             names = ["sample_weight"] if "sample_weight" in self.arrays else []
             if self.ready.weight_pass_targets:
                 names.append("targets")
+            self.total_bytes += sum(self.arrays[name].nbytes for name in names)
             yield from self._chunks(names, rows)
         yield from self._chunks(list(self.arrays), rows)
 
@@ -148,6 +150,7 @@ class StreamPlan:
                                 field=err.field) from err
         if response.ready is not None:
             self.ready = response.ready
+            self.loss_shape = self.shape[:-1] if response.ready.class_axis_last else self.shape
         if response.summary is not None:
             self.summary = response.summary
         self._put_gradient(response)
@@ -156,35 +159,30 @@ class StreamPlan:
     def _put_gradient(self, response: StreamResponse) -> None:
         if response.gradient is None:
             return
-        part = _view(response.gradient)
+        part = _view(response.gradient).reshape(-1)
         grad = self.grad
-        if grad is None or self.grad_rows + part.shape[0] > self.rows:
-            raise InternalError("the server sent more gradient rows than requested",
+        if grad is None or self.grad_rows + part.size > grad.size:
+            raise InternalError("the server sent more gradient than requested",
                                 field="gradient")
-        grad.reshape(self.arrays["predictions"].shape)[
-            self.grad_rows:self.grad_rows + part.shape[0]] = part
-        self.grad_rows += part.shape[0]
+        grad.reshape(-1)[self.grad_rows:self.grad_rows + part.size] = part
+        self.grad_rows += part.size
 
     def _put_losses(self, response: StreamResponse) -> None:
         if response.losses is None:
             return
-        part = _view(response.losses)
+        part = _view(response.losses).reshape(-1)
         if self.losses is None:
-            per_element = part.ndim == self.arrays["predictions"].ndim
-            shape = self.shape if per_element else self.shape[:-1]
-            self.losses = np.empty((self.rows,) + part.shape[1:], part.dtype)
-            self.loss_shape = shape
-        if self.loss_rows + part.shape[0] > self.rows:
-            raise InternalError("the server sent more loss rows than requested",
-                                field="losses")
-        self.losses[self.loss_rows:self.loss_rows + part.shape[0]] = part
-        self.loss_rows += part.shape[0]
+            self.losses = np.empty(math.prod(self.loss_shape), part.dtype)
+        if self.loss_rows + part.size > self.losses.size:
+            raise InternalError("the server sent more losses than requested", field="losses")
+        self.losses[self.loss_rows:self.loss_rows + part.size] = part
+        self.loss_rows += part.size
 
     def _loss(self) -> float | npt.NDArray[Any]:
         assert self.summary is not None
         if self.reduction != pb.REDUCTION_NONE:
             return float(self.summary.loss)
-        if self.losses is None or self.loss_rows != self.rows:
+        if self.losses is None or self.loss_rows != self.losses.size:
             raise InternalError("the server's per-position losses are incomplete",
                                 field="losses")
         return self.losses.reshape(self.loss_shape)
@@ -197,7 +195,7 @@ class StreamPlan:
     def gradient_result(self) -> GradientResult:
         summary = self._finished()
         assert self.grad is not None
-        if self.grad_rows != self.rows:
+        if self.grad_rows != self.grad.size:
             raise InternalError("the server's gradient is incomplete", field="gradient")
         return GradientResult(self._loss(), self.grad, summary.positions,
                               summary.positions_counted, summary.weight_sum)

@@ -119,11 +119,15 @@ class StreamCall:
         elementwise = self.spec.layout is Layout.ELEMENTWISE
         self.inner = x.row if elementwise else x.row // x.shape[-1]  # positions per row
         self.positions = self.rows * self.inner
-        if elementwise:
+        if elementwise:  # units: elements; blocks of BLOCK elements
+            self.block_units = nm.BLOCK
             self.block_rows = nm.BLOCK // math.gcd(nm.BLOCK, x.row)
-        else:
-            per = max(1, nm.BLOCK // x.shape[-1])
-            self.block_rows = per // math.gcd(per, self.inner)
+            self.unit_size = {"predictions": 1, "targets": 1}
+        else:  # units: class rows (positions); blocks of BLOCK // C rows
+            self.block_units = max(1, nm.BLOCK // x.shape[-1])
+            self.block_rows = self.block_units // math.gcd(self.block_units, self.inner)
+            self.unit_size = {"predictions": x.shape[-1],
+                              "targets": 1 if self.sparse else x.shape[-1]}
         ignore, cw = self.params.get("ignore_index"), self.params.get("class_weight")
         data_dependent = "sample_weight" in self.decl or (
             self.sparse and (ignore is not None or cw is not None))
@@ -166,7 +170,8 @@ class StreamCall:
     def ready(self) -> _wire.StreamResponse:
         return _wire.StreamResponse(ready=pb.ComputeStreamReady(
             block_rows=self.block_rows, weight_pass=self.weight_pass,
-            weight_pass_targets=self.weight_pass_targets))
+            weight_pass_targets=self.weight_pass_targets,
+            class_axis_last=self.spec.layout is not Layout.ELEMENTWISE))
 
     # --- the passes --------------------------------------------------------------------
 
@@ -177,36 +182,34 @@ class StreamCall:
             done = 0
             while done < self.rows:
                 chunk = self._next(messages, done, weights_only=True)
-                done = self._account(stats, chunk, done)
+                done, _ = self._account(stats, chunk, done)
             self.divisor = stats.weight_sum
         stats = _Stats()
         carry: dict[str, np.ndarray] | None = None
-        carry_start = done = 0
+        carry_start = done = units_done = 0
         while done < self.rows:
             chunk = self._next(messages, done, weights_only=False)
-            start = done
-            done = self._account(stats, chunk, done)
+            done, flat_w = self._account(stats, chunk, done)
             final = done == self.rows
+            units = self._units(chunk, flat_w)
+            start = units_done
+            units_done += next(iter(units.values())).shape[0]
             if carry is not None:  # complete the carried block first
-                take = min(self.block_rows - (start - carry_start), done - start)
-                joined = {k: np.concatenate((carry[k], v[:take])) for k, v in chunk.items()}
-                chunk = {k: v[take:] for k, v in chunk.items()}
+                take = min(self.block_units - (start - carry_start), units_done - start)
+                joined = {k: np.concatenate((carry[k], v[:take])) for k, v in units.items()}
+                units = {k: v[take:] for k, v in units.items()}
                 start += take
-                if start - carry_start < self.block_rows and not final:
+                if start - carry_start < self.block_units and not final:
                     carry = joined
                     continue
                 carry = None
-                response = self._piece(joined, carry_start)
-                if response.gradient is not None or response.losses is not None:
-                    yield response
-            n = done - start
-            aligned = n if final else n - n % self.block_rows
+                yield from self._piece(joined, carry_start)
+            n = units_done - start
+            aligned = n if final else n - n % self.block_units
             if aligned:
-                response = self._piece({k: v[:aligned] for k, v in chunk.items()}, start)
-                if response.gradient is not None or response.losses is not None:
-                    yield response
+                yield from self._piece({k: v[:aligned] for k, v in units.items()}, start)
             if aligned < n:  # copied: the chunk's message is released after this turn
-                carry = {k: v[aligned:].copy() for k, v in chunk.items()}
+                carry = {k: v[aligned:].copy() for k, v in units.items()}
                 carry_start = start + aligned
         if next(messages, None) is not None:
             raise InvalidArgumentError(f"chunk[{self.chunks}]", "sent after the last row",
@@ -269,8 +272,10 @@ class StreamCall:
                 f"{self.rows} declared", SHAPE_MISMATCH)
         return wire.decode_tensor(tensor, where)
 
-    def _account(self, stats: _Stats, chunk: dict[str, np.ndarray], done: int) -> int:
-        """Feed a chunk's weights (and class indices) to ``stats``; return the rows after."""
+    def _account(self, stats: _Stats, chunk: dict[str, np.ndarray],
+                 done: int) -> tuple[int, np.ndarray]:
+        """Feed a chunk's weights (and class indices) to ``stats``; return the rows after
+        and the chunk's weights, one float64 per position (empty: none)."""
         rows = next(iter(chunk.values())).shape[0]
         w = chunk.get("sample_weight")
         flat = _EMPTY_F8
@@ -300,7 +305,22 @@ class StreamCall:
         else:
             stats.total += float(rows * self.inner)
             stats.counted += rows * self.inner
-        return done + rows
+        return done + rows, flat
+
+    def _units(self, chunk: dict[str, np.ndarray], flat_w: np.ndarray) -> dict[str, np.ndarray]:
+        """A chunk as the kernels' units: elements (elementwise) or class rows, so that a
+        carry never holds more than one block of BLOCK elements (or of class rows)."""
+        x = chunk["predictions"]
+        if self.spec.layout is Layout.ELEMENTWISE:
+            units = {"predictions": x.reshape(-1), "targets": chunk["targets"].reshape(-1)}
+        else:
+            c = x.shape[-1]
+            t = chunk["targets"]
+            units = {"predictions": x.reshape(-1, c),
+                     "targets": t.reshape(-1) if self.sparse else t.reshape(-1, c)}
+        if flat_w.size:
+            units["sample_weight"] = flat_w
+        return units
 
     def _check_weights(self, flat: np.ndarray, w: Any, done: int) -> None:
         bad, _, _, _ = nm.weight_stats(flat, 0, 0.0, 0.0)
@@ -311,8 +331,8 @@ class StreamCall:
                                        f"{flat[bad]!r}: weights must be finite and >= 0",
                                        VALUE_OUT_OF_RANGE)
 
-    def _piece(self, arrays: dict[str, np.ndarray], start: int) -> _wire.StreamResponse:
-        """Run rows [start, start + len) that begin on a block boundary."""
+    def _piece(self, arrays: dict[str, np.ndarray], start: int) -> Iterator[_wire.StreamResponse]:
+        """Run units [start, start + len), which begin on a block boundary."""
         try:
             batch = request.prepare_resolved(
                 self.spec, dict(self.params), self.reduction, arrays["predictions"],
@@ -326,13 +346,15 @@ class StreamCall:
             raise self._absolute(err, start) from None
         self.total = result.total
         losses = result.loss if isinstance(result.loss, np.ndarray) else None
-        return _wire.StreamResponse(
-            gradient=None if result.gradient is None else wire.encode_tensor(result.gradient),
-            losses=None if losses is None else wire.encode_tensor(losses))
+        if result.gradient is not None or losses is not None:
+            yield _wire.StreamResponse(
+                gradient=None if result.gradient is None else wire.encode_tensor(
+                    result.gradient.reshape(-1)),
+                losses=None if losses is None else wire.encode_tensor(losses.reshape(-1)))
 
     def _check_hinge_labels(self, t: np.ndarray, start: int) -> None:
         """{0, 1} in one piece and {-1, 1} in another are as invalid as in one request."""
-        base = start * self.decl["targets"].row
+        base = start * self.unit_size["targets"]
         for label in (0.0, -1.0):
             hits = np.flatnonzero(t == label)
             if hits.size and label not in self.hinge_seen:
@@ -346,9 +368,9 @@ class StreamCall:
     def _absolute(self, err: InvalidArgumentError, start: int) -> InvalidArgumentError:
         """The error of a piece with its index into the whole tensor, as unary gives it."""
         name, _, rest = err.field.partition(".data[")
-        if not rest or name not in self.decl:
+        if not rest or name not in self.unit_size:
             return err
-        index = int(rest.rstrip("]")) + start * self.decl[name].row
+        index = int(rest.rstrip("]")) + start * self.unit_size[name]
         return InvalidArgumentError(f"{name}.data[{index}]", err.message, err.reason)
 
     def _summary(self, stats: _Stats) -> _wire.StreamResponse:

@@ -618,6 +618,7 @@ class ComputeStreamReady(_message.Message):
     BLOCK_ROWS_FIELD_NUMBER: _builtins.int
     WEIGHT_PASS_FIELD_NUMBER: _builtins.int
     WEIGHT_PASS_TARGETS_FIELD_NUMBER: _builtins.int
+    CLASS_AXIS_LAST_FIELD_NUMBER: _builtins.int
     block_rows: _builtins.int
     """Chunks whose row counts (all but the last) are multiples of this are processed
     in place; any other row counts give the same bits, at the cost of a copy of up to
@@ -631,16 +632,21 @@ class ComputeStreamReady(_message.Message):
     """The weight pass chunks carry the targets too (class indices: ignore_index and
     class_weight depend on them).
     """
+    class_axis_last: _builtins.bool
+    """A position is a row along the last axis (the per-position losses have the
+    predictions' shape without it), not one element.
+    """
     def __init__(
         self,
         *,
         block_rows: _builtins.int = ...,
         weight_pass: _builtins.bool = ...,
         weight_pass_targets: _builtins.bool = ...,
+        class_axis_last: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_rows", b"block_rows", "weight_pass", b"weight_pass", "weight_pass_targets", b"weight_pass_targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_rows", b"block_rows", "class_axis_last", b"class_axis_last", "weight_pass", b"weight_pass", "weight_pass_targets", b"weight_pass_targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -662,13 +668,13 @@ class ComputeStreamResponse(_message.Message):
 
     @_builtins.property
     def gradient(self) -> Global___Tensor:
-        """The gradient of the next rows, in the predictions' dtype and trailing dimensions."""
+        """The next elements of the gradient (C order, in the predictions' dtype); the
+        pieces need not match the chunks.
+        """
 
     @_builtins.property
     def losses(self) -> Global___Tensor:
-        """REDUCTION_NONE: the per-position losses of the next rows, in the predictions'
-        dtype.
-        """
+        """REDUCTION_NONE: the next per-position losses (C order, the predictions' dtype)."""
 
     @_builtins.property
     def summary(self) -> Global___ComputeLossResponse:

@@ -72,9 +72,9 @@ class LossServiceStub:
     4. client: the data pass, chunks that carry the next rows of `predictions`,
        `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
        then the client half-closes.
-    5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
-       for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
-       not match the chunks'. Last: one with only `summary` set.
+    5. server, during the data pass: ComputeStreamResponses with the next elements of
+       the `gradient` (and, for REDUCTION_NONE, of the `losses`), in C order; their sizes
+       need not match the chunks'. Last: one with only `summary` set.
     Errors end the call with a status, as for the unary calls; a malformed stream
     (missing or repeated header, a chunk whose dtype, trailing shape or byte size
     differs from the header's, more rows or chunks than declared or allowed) gets
@@ -112,9 +112,9 @@ class LossServiceAsyncStub(LossServiceStub):
     4. client: the data pass, chunks that carry the next rows of `predictions`,
        `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
        then the client half-closes.
-    5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
-       for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
-       not match the chunks'. Last: one with only `summary` set.
+    5. server, during the data pass: ComputeStreamResponses with the next elements of
+       the `gradient` (and, for REDUCTION_NONE, of the `losses`), in C order; their sizes
+       need not match the chunks'. Last: one with only `summary` set.
     Errors end the call with a status, as for the unary calls; a malformed stream
     (missing or repeated header, a chunk whose dtype, trailing shape or byte size
     differs from the header's, more rows or chunks than declared or allowed) gets
@@ -179,9 +179,9 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
         4. client: the data pass, chunks that carry the next rows of `predictions`,
            `targets` and `sample_weight` (if declared), each chunk the same rows of all three;
            then the client half-closes.
-        5. server, during the data pass: ComputeStreamResponses with the `gradient` (and,
-           for REDUCTION_NONE, the `losses`) of the next rows, in order; their row counts need
-           not match the chunks'. Last: one with only `summary` set.
+        5. server, during the data pass: ComputeStreamResponses with the next elements of
+           the `gradient` (and, for REDUCTION_NONE, of the `losses`), in C order; their sizes
+           need not match the chunks'. Last: one with only `summary` set.
         Errors end the call with a status, as for the unary calls; a malformed stream
         (missing or repeated header, a chunk whose dtype, trailing shape or byte size
         differs from the header's, more rows or chunks than declared or allowed) gets
