@@ -72,8 +72,8 @@ CASES = [
     # dtypes
     _case("int-predictions", "predictions", UNSUPPORTED_DTYPE, "mse",
           np.array([1, 2, 3]), T3),
-    _case("float16-predictions", "predictions", UNSUPPORTED_DTYPE, "mse",
-          V3.astype(np.float16), T3),
+    _case("complex-predictions", "predictions", UNSUPPORTED_DTYPE, "mse",
+          V3.astype(np.complex64), T3),
     _case("bool-predictions", "predictions", UNSUPPORTED_DTYPE, "mae",
           np.array([True, False, True]), T3),
     _case("float-class-indices", "targets", UNSUPPORTED_DTYPE,

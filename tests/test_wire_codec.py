@@ -506,8 +506,8 @@ def test_tensor_of_a_contiguous_array_does_not_copy() -> None:
 
 
 def test_tensor_of_an_unsupported_dtype() -> None:
-    with pytest.raises(ValueError, match="float16"):
-        _wire.Tensor.of(np.zeros(2, np.float16))
+    with pytest.raises(ValueError, match="complex64"):
+        _wire.Tensor.of(np.zeros(2, np.complex64))
 
 
 # --- malformed bytes: WireError naming the field, nothing else --------------------------------
