@@ -1,9 +1,9 @@
 """Regenerate the Python stubs of the protos under proto/.
 
 - ``lossgrad/v1/lossgrad.proto`` into the client package (``lossgrad_client._proto``);
-- ``inference/grpc_predict_v2.proto`` (the Open Inference Protocol) into the server
-  package (``lossgrad._proto``): only the server uses it, so the client package's
-  install stays as it is.
+- ``inference/`` (the Open Inference Protocol, with Triton's model configuration) into
+  the server package (``lossgrad._proto``): only the server uses it, so the client
+  package's install stays as it is.
 
 Run with the project's environment: ``python scripts/generate_proto.py``.
 ``--check`` exits non-zero when the committed stubs differ from a fresh run.
@@ -34,13 +34,13 @@ class Target:
     the stubs live inside a package, so those imports are rewritten to its path.
     """
 
-    proto_file: str  # relative to proto/
+    proto_files: tuple[str, ...]  # relative to proto/, all in one directory
     package: str  # import path of out_dir
     out_dir: Path
 
     @property
     def proto_package(self) -> str:
-        return str(Path(self.proto_file).parent).replace("/", ".")
+        return str(Path(self.proto_files[0]).parent).replace("/", ".")
 
     def rewrite(self, text: str) -> str:
         dotted = self.proto_package
@@ -48,15 +48,15 @@ class Target:
                 .replace(f"import {dotted}.", f"import {self.package}.{dotted}."))
 
     def package_dirs(self, dest: Path) -> list[Path]:
-        parts = Path(self.proto_file).parent.parts
+        parts = Path(self.proto_files[0]).parent.parts
         return [dest.joinpath(*parts[:depth]) for depth in range(len(parts) + 1)]
 
 
 TARGETS = (
-    Target("lossgrad/v1/lossgrad.proto", "lossgrad_client._proto",
+    Target(("lossgrad/v1/lossgrad.proto",), "lossgrad_client._proto",
            ROOT / "client" / "lossgrad_client" / "_proto"),
-    Target("inference/grpc_predict_v2.proto", "lossgrad._proto",
-           ROOT / "server" / "lossgrad" / "_proto"),
+    Target(("inference/grpc_predict_v2.proto", "inference/model_config.proto"),
+           "lossgrad._proto", ROOT / "server" / "lossgrad" / "_proto"),
 )
 
 
@@ -77,7 +77,7 @@ def generate(target: Target, dest: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={dest}", f"--grpc_python_out={dest}",
         f"--mypy_out={dest}", f"--mypy_grpc_out={dest}",
-        target.proto_file,
+        *target.proto_files,
     ]
     subprocess.run(cmd, check=True)
     for path in dest.rglob("*.py*"):

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from lossgrad import catalog
 from lossgrad._proto.inference import grpc_predict_v2_pb2 as kpb
 from lossgrad._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
+from lossgrad._proto.inference import model_config_pb2 as config_pb
 from lossgrad.server import LossServer
 from lossgrad_client import LossClient
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
@@ -122,6 +123,22 @@ def test_model_metadata_describes_inputs_and_outputs(
     assert alias.name == "l2" and tensors(alias.inputs) == tensors(mse.inputs)
 
 
+def test_model_config_in_tritons_terms(kserve_stub: Stub) -> None:
+    request = kpb.ModelConfigRequest(name="sparse_categorical_cross_entropy")
+    config = kserve_stub.ModelConfig(request, timeout=10).config
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "sparse_categorical_cross_entropy", "lossgrad", 0)
+    assert [(t.name, config_pb.DataType.Name(t.data_type), list(t.dims), t.optional)
+            for t in config.input] == [("PREDICTIONS", "TYPE_FP32", [-1, -1], False),
+                                       ("TARGETS", "TYPE_INT64", [-1], False),
+                                       ("SAMPLE_WEIGHT", "TYPE_FP32", [-1], True)]
+    assert [(t.name, config_pb.DataType.Name(t.data_type)) for t in config.output] == [
+        ("LOSS", "TYPE_FP64"), ("GRADIENT", "TYPE_FP32")]
+    with pytest.raises(grpc.RpcError) as info:
+        kserve_stub.ModelConfig(kpb.ModelConfigRequest(name="resnet50"), timeout=10)
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
 # --- inference equals lossgrad.v1 ------------------------------------------------------------
 
 def test_infer_raw_equals_the_native_api_bit_for_bit(
@@ -159,6 +176,7 @@ def test_infer_parameters_and_reduction_none_in_float64(
     # Triton's scheduling hints are accepted and change nothing.
     hinted = infer_request("huber", {"PREDICTIONS": x, "TARGETS": y}, delta=2, timeout=100)
     hinted.parameters["priority"].uint64_param = 1
+    hinted.parameters["triton_enable_empty_final_response"].bool_param = True
     assert outputs_of(kserve_stub.ModelInfer(hinted, timeout=30))["LOSS"][0] == by_int["LOSS"][0]
 
 
@@ -327,7 +345,7 @@ def test_reflection_lists_the_inference_service(server_address: str) -> None:
         service = DescriptorPool(database).FindServiceByName(KSERVE)
         assert {m.name for m in service.methods} == {
             "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-            "ModelInfer"}
+            "ModelInfer", "ModelConfig"}
 
 
 def test_readiness_follows_the_servers(start: Callable[..., tuple[LossServer, str]]) -> None:

@@ -100,6 +100,11 @@ def test_tritonclient_sees_a_live_ready_server_and_models(triton_run: dict[str, 
         ("PREDICTIONS", "FP32", ["-1"]), ("TARGETS", "FP32", ["-1"]),
         ("SAMPLE_WEIGHT", "FP32", ["-1"])]
     assert [t["name"] for t in meta["outputs"]] == ["LOSS", "GRADIENT"]
+    config = results["config"]["config"]  # Triton's extension, which perf_analyzer reads
+    assert config["name"] == "mse" and config.get("max_batch_size", 0) == 0
+    assert [(t["name"], t["data_type"], t.get("optional", False)) for t in config["input"]] == [
+        ("PREDICTIONS", "TYPE_FP32", False), ("TARGETS", "TYPE_FP32", False),
+        ("SAMPLE_WEIGHT", "TYPE_FP32", True)]
 
 
 def test_tritonclient_inferences_equal_the_native_api(triton_run: dict[str, Any],

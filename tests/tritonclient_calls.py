@@ -45,6 +45,7 @@ def main(address: str, out_dir: Path) -> None:
         "server": client.get_server_metadata(as_json=True),
         "model_ready": {name: client.is_model_ready(name) for name in ("mse", "l2", "nope")},
         "metadata": client.get_model_metadata("huber", as_json=True),
+        "config": client.get_model_config("mse", as_json=True),
     }
     outputs: dict[str, np.ndarray] = {}
 

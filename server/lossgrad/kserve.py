@@ -30,6 +30,7 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
 from . import __version__, catalog, engine, wire
 from ._proto.inference import grpc_predict_v2_pb2 as kpb
+from ._proto.inference import model_config_pb2 as config_pb
 from .catalog import Layout, LossSpec, ParamType
 from .errors import (
     BYTE_SIZE_MISMATCH,
@@ -55,9 +56,12 @@ PREDICTIONS, TARGETS, SAMPLE_WEIGHT = "PREDICTIONS", "TARGETS", "SAMPLE_WEIGHT"
 LOSS, GRADIENT = "LOSS", "GRADIENT"
 # Request parameters that are not loss parameters.
 REDUCTION, ALLOW_NONFINITE = "reduction", "allow_nonfinite"
-# Scheduling hints that tritonclient sends when asked (Triton's queue priority and queue
-# timeout); a server without a request queue has nothing to apply them to.
+# Triton's own request parameters: the scheduling hints tritonclient sends when asked
+# (queue priority and queue timeout) and the reserved ``triton_`` ones that its tools
+# send (perf_analyzer: triton_enable_empty_final_response). They steer Triton's
+# scheduler and streaming, which lossgrad does not have; they change no result.
 _IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
+_IGNORED_PREFIX = "triton_"
 
 # Protocol datatype <-> (lossgrad.v1 DataType, little-endian dtype, typed contents field).
 _DATATYPES: dict[str, tuple[int, np.dtype[Any], str]] = {
@@ -99,6 +103,7 @@ class InferenceService:
         self._ready = ready
         self._max_elements = max_elements
         self._metadata = {name: model_metadata(name, spec) for name, spec in _models().items()}
+        self._configs = {name: model_config(meta) for name, meta in self._metadata.items()}
 
     def ServerLive(self, request: kpb.ServerLiveRequest,
                    context: grpc.ServicerContext) -> kpb.ServerLiveResponse:
@@ -124,6 +129,15 @@ class InferenceService:
         except LossgradError as err:
             abort(context, err, "ModelMetadata")
         return self._metadata[request.name]
+
+    def ModelConfig(self, request: kpb.ModelConfigRequest,
+                    context: grpc.ServicerContext) -> kpb.ModelConfigResponse:
+        """Triton's model configuration extension: perf_analyzer reads it first."""
+        try:
+            _check_model(request.name, request.version)
+        except LossgradError as err:
+            abort(context, err, "ModelConfig")
+        return self._configs[request.name]
 
     def ModelInfer(self, request: kpb.ModelInferRequest,
                    context: grpc.ServicerContext) -> kpb.ModelInferResponse:
@@ -157,7 +171,7 @@ class InferenceService:
 
 def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
     """The RPC method handlers of ``service``, by method name (the protocol's required
-    subset; gRPC answers UNIMPLEMENTED for the others)."""
+    subset and Triton's ModelConfig; gRPC answers UNIMPLEMENTED for the others)."""
     return {
         name: grpc.unary_unary_rpc_method_handler(
             getattr(service, name), request_deserializer=request.FromString,
@@ -169,6 +183,7 @@ def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandle
             ("ServerMetadata", kpb.ServerMetadataRequest, kpb.ServerMetadataResponse),
             ("ModelMetadata", kpb.ModelMetadataRequest, kpb.ModelMetadataResponse),
             ("ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse),
+            ("ModelConfig", kpb.ModelConfigRequest, kpb.ModelConfigResponse),
         )
     }
 
@@ -211,6 +226,20 @@ def model_metadata(name: str, spec: LossSpec) -> kpb.ModelMetadataResponse:
                 meta(name=SAMPLE_WEIGHT, datatype="FP32", shape=[-1])],
         outputs=[meta(name=LOSS, datatype="FP64", shape=[-1]),
                  meta(name=GRADIENT, datatype="FP32", shape=x_shape)])
+
+
+def model_config(meta: kpb.ModelMetadataResponse) -> kpb.ModelConfigResponse:
+    """The model's configuration in Triton's terms: the tensors of its metadata, no
+    server-side batching (``max_batch_size`` 0), SAMPLE_WEIGHT optional."""
+    def data_type(datatype: str) -> int:
+        return int(config_pb.DataType.Value(f"TYPE_{datatype}"))
+
+    return kpb.ModelConfigResponse(config=config_pb.ModelConfig(
+        name=meta.name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
+        input=[config_pb.ModelInput(name=t.name, data_type=data_type(t.datatype), dims=t.shape,
+                                    optional=t.name == SAMPLE_WEIGHT) for t in meta.inputs],
+        output=[config_pb.ModelOutput(name=t.name, data_type=data_type(t.datatype),
+                                      dims=t.shape) for t in meta.outputs]))
 
 
 # --- request ------------------------------------------------------------------------
@@ -301,7 +330,7 @@ def _request_options(parameters: Any, spec: LossSpec) -> dict[str, Any]:
         if key == ALLOW_NONFINITE:
             options[ALLOW_NONFINITE] = _bool(field, value)
             continue
-        if key in _IGNORED_PARAMETERS:
+        if key in _IGNORED_PARAMETERS or key.startswith(_IGNORED_PREFIX):
             continue
         p = spec.param(key)
         options[key] = value if p is None else _param_value(p, field, value)

@@ -18,12 +18,15 @@ limitations under the License.
 Modified for lossgrad: the comments are rewritten; the messages, fields,
 numbers and RPCs are those of the Open Inference Protocol (KServe v2) gRPC API,
 so that its clients (tritonclient, perf_analyzer, KServe, Seldon) work unchanged.
+Added: the ModelConfig RPC of NVIDIA Triton's model configuration extension (the
+same method and messages as Triton's grpc_service.proto), which perf_analyzer calls.
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from lossgrad._proto.inference import model_config_pb2 as _model_config_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -738,3 +741,55 @@ class InferTensorContents(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferTensorContents: _TypeAlias = InferTensorContents  # noqa: Y015
+
+@_typing.final
+class ModelConfigRequest(_message.Message):
+    """ModelConfigRequest names the model whose configuration is asked (Triton's
+    model configuration extension).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Model name."""
+    version: _builtins.str
+    """Model version; empty lets the server choose."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelConfigRequest: _TypeAlias = ModelConfigRequest  # noqa: Y015
+
+@_typing.final
+class ModelConfigResponse(_message.Message):
+    """ModelConfigResponse answers ModelConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> _model_config_pb2.ModelConfig:
+        """The model's configuration."""
+
+    def __init__(
+        self,
+        *,
+        config: _model_config_pb2.ModelConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelConfigResponse: _TypeAlias = ModelConfigResponse  # noqa: Y015

@@ -18,6 +18,8 @@ limitations under the License.
 Modified for lossgrad: the comments are rewritten; the messages, fields,
 numbers and RPCs are those of the Open Inference Protocol (KServe v2) gRPC API,
 so that its clients (tritonclient, perf_analyzer, KServe, Seldon) work unchanged.
+Added: the ModelConfig RPC of NVIDIA Triton's model configuration extension (the
+same method and messages as Triton's grpc_service.proto), which perf_analyzer calls.
 """
 
 from collections import abc as _abc
@@ -64,6 +66,8 @@ class GRPCInferenceServiceStub:
     """ModelMetadata describes one model's input and output tensors."""
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]
     """ModelInfer runs one inference; a failure is a non-OK gRPC status."""
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
+    """ModelConfig gives one model's configuration (Triton's extension)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -84,6 +88,8 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """ModelMetadata describes one model's input and output tensors."""
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]  # type: ignore[assignment]
     """ModelInfer runs one inference; a failure is a non-OK gRPC status."""
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """ModelConfig gives one model's configuration (Triton's extension)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """GRPCInferenceService is the Open Inference Protocol's gRPC API. lossgrad serves
@@ -137,5 +143,13 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.ModelInferResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelInferResponse]]:
         """ModelInfer runs one inference; a failure is a non-OK gRPC status."""
+
+    @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _grpc_predict_v2_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_predict_v2_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelConfigResponse]]:
+        """ModelConfig gives one model's configuration (Triton's extension)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
