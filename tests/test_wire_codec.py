@@ -26,8 +26,10 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
 MASK64 = (1 << 64) - 1
 REQUEST_SCHEMA = {1: "string", 2: "tensor", 3: "tensor", 4: "tensor", 5: "enum", 6: "params",
-                  7: "bool"}
-RESPONSE_SCHEMA = {1: "double", 2: "tensor", 3: "int64", 4: "int64", 5: "double", 6: "tensor"}
+                  7: "bool", 8: "enum", 9: "optional_double", 10: "optional_double"}
+RESPONSE_SCHEMA = {1: "double", 2: "tensor", 3: "int64", 4: "int64", 5: "double", 6: "tensor",
+                   7: "tensor"}
+HESSIAN_SCALARS = ("hessian_floor", "hessian_constant")
 PARAM_FIELDS = ("delta", "from_logits", "pos_weight", "label_smoothing", "ignore_index",
                 "log_predictions")
 
@@ -128,6 +130,11 @@ def random_request(rng: random.Random) -> pb.ComputeGradientRequest:
         message.params.CopyFrom(random_params(rng))
     if rng.random() < 0.5:
         message.allow_nonfinite = rng.random() < 0.7
+    if rng.random() < 0.4:
+        message.hessian = random_int(rng, 32)  # type: ignore[assignment]
+    for name in HESSIAN_SCALARS:
+        if rng.random() < 0.3:
+            setattr(message, name, random_double(rng))
     return message
 
 
@@ -135,7 +142,7 @@ def random_response(rng: random.Random) -> pb.ComputeGradientResponse:
     message = pb.ComputeGradientResponse(
         loss=random_double(rng), positions=random_int(rng, 64),
         positions_counted=random_int(rng, 64), weight_sum=random_double(rng))
-    for name in ("losses", "gradient"):
+    for name in ("losses", "gradient", "hessian"):
         if rng.random() < 0.6:
             fields = random_tensor_fields(rng)
             getattr(message, name).CopyFrom(pb.Tensor(**fields))
@@ -203,6 +210,11 @@ def message_layout(rng: random.Random, message: Any, schema: dict[int, str]) -> 
         elif kind == "double":
             if struct.pack("<d", value) != bytes(8) or rng.random() < 0.2:
                 chunks.append(key(number, 1) + struct.pack("<d", value))
+        elif kind == "optional_double":
+            if message.HasField(name):
+                if rng.random() < 0.2:
+                    chunks.append(key(number, 1) + struct.pack("<d", 7.0))  # overwritten below
+                chunks.append(key(number, 1) + struct.pack("<d", value))
         elif value or rng.random() < 0.2:
             if rng.random() < 0.2:
                 chunks.append(varint_field(number, 1))  # overwritten below
@@ -262,6 +274,11 @@ def assert_request_equal(parsed: _wire.ComputeRequest, message: pb.ComputeGradie
         assert parsed_tensor(getattr(parsed, name)) == tensor_of(message, name), name
     assert parsed.reduction == message.reduction
     assert parsed.allow_nonfinite is message.allow_nonfinite
+    assert parsed.hessian == message.hessian
+    for name in HESSIAN_SCALARS:  # bitwise, and None exactly when not set
+        expected = struct.pack("<d", getattr(message, name)) if message.HasField(name) else None
+        value = getattr(parsed, name)
+        assert (None if value is None else struct.pack("<d", value)) == expected, name
     if message.HasField("params"):
         assert parsed.params is not None
         assert parsed.params.SerializeToString(deterministic=True) == \
@@ -276,7 +293,7 @@ def assert_response_equal(parsed: _wire.ComputeResponse,
         assert struct.pack("<d", getattr(parsed, name)) == struct.pack("<d", getattr(message, name))
     assert (parsed.positions, parsed.positions_counted) == \
         (message.positions, message.positions_counted)
-    for name in ("losses", "gradient"):
+    for name in ("losses", "gradient", "hessian"):
         assert parsed_tensor(getattr(parsed, name)) == tensor_of(message, name), name
 
 
@@ -289,7 +306,8 @@ def to_wire_request(message: pb.ComputeGradientRequest) -> _wire.ComputeRequest:
         loss=message.loss, predictions=tensor("predictions"), targets=tensor("targets"),
         sample_weight=tensor("sample_weight"), reduction=message.reduction,
         params=message.params if message.HasField("params") else None,
-        allow_nonfinite=message.allow_nonfinite)
+        allow_nonfinite=message.allow_nonfinite, hessian=message.hessian,
+        **{name: getattr(message, name) for name in HESSIAN_SCALARS if message.HasField(name)})
 
 
 def to_wire_response(message: pb.ComputeGradientResponse) -> _wire.ComputeResponse:
@@ -300,7 +318,7 @@ def to_wire_response(message: pb.ComputeGradientResponse) -> _wire.ComputeRespon
     return _wire.ComputeResponse(
         loss=message.loss, losses=tensor("losses"), positions=message.positions,
         positions_counted=message.positions_counted, weight_sum=message.weight_sum,
-        gradient=tensor("gradient"))
+        gradient=tensor("gradient"), hessian=tensor("hessian"))
 
 
 # --- parsing: same result as the generated classes -----------------------------------------
@@ -371,7 +389,7 @@ def test_many_fields_go_to_the_generated_parser() -> None:
     rng = random.Random(8)
     message = random_request(rng)
     message.predictions.shape.extend(range(10_000))
-    padding = b"".join(varint_field(9, i) for i in range(10_000))
+    padding = b"".join(varint_field(11, i) for i in range(10_000))
     for data in (message.SerializeToString(), padding + message.SerializeToString()):
         assert_request_equal(_wire.parse_request(data), pb.ComputeGradientRequest.FromString(data))
     response = pb.ComputeGradientResponse(loss=1.5, gradient=pb.Tensor(dtype=1, shape=[1] * 5000))
@@ -439,7 +457,7 @@ def test_serialize_responses_like_protobuf(seed: int) -> None:
         parsed = _wire.parse_response(data)
         assert_response_equal(parsed, message)
         assert_response_equal(parsed, pb.ComputeGradientResponse.FromString(data))
-        assert_aligned(data, parsed, ("losses", "gradient"))
+        assert_aligned(data, parsed, ("losses", "gradient", "hessian"))
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -580,17 +598,20 @@ def test_corrupted_messages(seed: int) -> None:
     (b"\x12\x02\x18\x00", "predictions.data", "wire type 0; expected 2"),
     (b"\x12\x05\x15\x00\x00\x00\x00", "predictions.shape", "wire type 5; expected 2"),
     (b"\x0b\x0c", "loss", "wire type 3"),
-    (b"\x43\x44", "request (unknown field 8)", "groups are not supported"),
-    (b"\x44", "request (unknown field 8)", "groups are not supported"),
+    (b"\x5b\x5c", "request (unknown field 11)", "groups are not supported"),
+    (b"\x5c", "request (unknown field 11)", "groups are not supported"),
     (b"\x12\x02\x43\x44", "predictions (unknown field 8)", "groups are not supported"),
-    (b"\x46", "request (unknown field 8)", "wire type 6 at byte 1: invalid"),
-    (b"\x47", "request (unknown field 8)", "wire type 7 at byte 1: invalid"),
+    (b"\x5e", "request (unknown field 11)", "wire type 6 at byte 1: invalid"),
+    (b"\x5f", "request (unknown field 11)", "wire type 7 at byte 1: invalid"),
     (b"\x00\x01", "request", "invalid tag 0 at byte 0"),
     (b"\xf8\xff\xff\xff\x1f\x00", "request", "invalid tag"),
     (b"\x80\x80\x80\x80\x80\x01", "request", "longer than 5 bytes"),
-    (b"\x45\x00\x00\x00", "request (unknown field 8)", "truncated 4-byte value at byte 1"),
-    (b"\x41\x00", "request (unknown field 8)", "truncated 8-byte value"),
-    (b"\x42\x03ab", "request (unknown field 8)", "exceeds the 2 bytes left"),
+    (b"\x5d\x00\x00\x00", "request (unknown field 11)", "truncated 4-byte value at byte 1"),
+    (b"\x59\x00", "request (unknown field 11)", "truncated 8-byte value"),
+    (b"\x5a\x03ab", "request (unknown field 11)", "exceeds the 2 bytes left"),
+    (b"\x42\x00", "hessian", "wire type 2; expected 0"),
+    (b"\x49\x00\x00", "hessian_floor", "truncated double at byte 1"),
+    (b"\x50\x01", "hessian_constant", "wire type 0; expected 1"),
     (b"\x32\x02\x08\x80", "params", "not a valid LossParams"),
     (b"\x32\x01\x0b", "params", "not a valid LossParams"),
 ])
@@ -631,7 +652,7 @@ def test_random_bytes() -> None:
 
 def test_millions_of_fields_do_not_loop_in_python() -> None:
     """4 MB of two-byte unknown fields, or of one-byte shape entries, parse in C."""
-    many_fields = b"\x48\x00" * 2_000_000
+    many_fields = b"\x58\x00" * 2_000_000
     dims = b"\x01" * 4_000_000
     many_dims = length_field(2, length_field(2, dims)) + b"\x0a\x03mse"
     for data in (many_fields, many_dims, many_fields + b"\x0a\x01\xff"):

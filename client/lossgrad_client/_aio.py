@@ -23,6 +23,8 @@ from ._requests import (
     gradient_result,
     loss_infos,
     loss_result,
+    no_hessian_stream,
+    with_hessian,
 )
 from ._stream import (
     DEFAULT_CHUNK_BYTES,
@@ -147,11 +149,16 @@ class AsyncLossClient:
         stream: bool | None = None,
         progress: Progress | None = None,
         out: Any = None,
+        hessian: str | None = None,
+        hessian_floor: float | None = None,
+        hessian_constant: float | None = None,
         **params: Any,
     ) -> GradientResult:
-        """Compute a loss and its gradient; see :meth:`LossClient.compute_gradient`."""
-        request = compute_request(loss, predictions, targets, reduction, sample_weight,
-                                  allow_nonfinite, params)
+        """Compute a loss, its gradient and optionally its diagonal Hessian; see
+        :meth:`LossClient.compute_gradient`."""
+        request = with_hessian(
+            compute_request(loss, predictions, targets, reduction, sample_weight,
+                            allow_nonfinite, params), hessian, hessian_floor, hessian_constant)
         if self._streams(request, stream):
             plan = await self._stream(request, True, timeout, out, progress)
             return plan.gradient_result()
@@ -164,6 +171,8 @@ class AsyncLossClient:
         return loss_infos(await self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
 
     def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
+        if request.hessian:
+            return no_hessian_stream(stream)
         return request_bytes(request) > self._stream_threshold if stream is None else stream
 
     async def _stream(self, request: ComputeRequest, gradient: bool, timeout: float | None,

@@ -22,6 +22,8 @@ from ._requests import (
     gradient_result,
     loss_infos,
     loss_result,
+    no_hessian_stream,
+    with_hessian,
 )
 from ._stream import (
     DEFAULT_CHUNK_BYTES,
@@ -182,6 +184,9 @@ class LossClient:
         stream: bool | None = None,
         progress: Progress | None = None,
         out: Any = None,
+        hessian: str | None = None,
+        hessian_floor: float | None = None,
+        hessian_constant: float | None = None,
         **params: Any,
     ) -> GradientResult:
         """Compute a loss and its gradient w.r.t. ``predictions`` on the server.
@@ -190,9 +195,18 @@ class LossClient:
         returned value (of the sum of the per-position values for "none") and has the
         predictions' shape and dtype. ``out`` (a writable C-contiguous array of that
         shape and dtype) receives it instead of a new array, and is returned as it.
+
+        ``hessian`` also asks for the diagonal Hessian (``result.hessian``, with the
+        gradient's shape, dtype, weights and scale): "exact" (the second derivative;
+        0 where the loss is piecewise linear), "clipped" (``max(exact,
+        hessian_floor)``, floor default 1e-16, as XGBoost floors its logistic Hessian)
+        or "constant" (``hessian_constant`` per position, default 1, as boosting
+        libraries run L1). :meth:`list_losses` gives each loss's ``hessian_modes``. A
+        call with a Hessian is one message, never streamed.
         """
-        request = compute_request(loss, predictions, targets, reduction, sample_weight,
-                                  allow_nonfinite, params)
+        request = with_hessian(
+            compute_request(loss, predictions, targets, reduction, sample_weight,
+                            allow_nonfinite, params), hessian, hessian_floor, hessian_constant)
         if self._streams(request, stream):
             return self._stream(request, True, timeout, out, progress).gradient_result()
         result = gradient_result(self._call(self._compute_gradient, request, timeout), request)
@@ -203,6 +217,8 @@ class LossClient:
         return loss_infos(self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
 
     def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
+        if request.hessian:
+            return no_hessian_stream(stream)
         return request_bytes(request) > self._stream_threshold if stream is None else stream
 
     def _stream(self, request: ComputeRequest, gradient: bool, timeout: float | None,

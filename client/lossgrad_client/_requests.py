@@ -7,6 +7,7 @@ send it, and read the bytes that come back with :func:`loss_result` or
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,11 @@ _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
     "none": pb.REDUCTION_NONE,
     "sum": pb.REDUCTION_SUM,
     "mean": pb.REDUCTION_MEAN,
+}
+_HESSIAN_MODES: dict[str, pb.HessianMode.ValueType] = {
+    "exact": pb.HESSIAN_MODE_EXACT,
+    "clipped": pb.HESSIAN_MODE_CLIPPED,
+    "constant": pb.HESSIAN_MODE_CONSTANT,
 }
 # LossParams fields by name: the keyword parameters of compute_loss/compute_gradient.
 _PARAM_FIELDS: dict[str, FieldDescriptor] = dict(pb.LossParams.DESCRIPTOR.fields_by_name)
@@ -45,12 +51,16 @@ def loss_result(data: bytes, request: ComputeRequest) -> LossResult:
 def gradient_result(data: bytes, request: ComputeRequest) -> GradientResult:
     """Read a ComputeGradient response (its unparsed bytes); the gradient views them."""
     response = _parse(data)
+    if request.hessian and response.hessian is None:
+        raise InternalError("the server returned no hessian; it may predate Hessians "
+                            "(GetServerInfo features.hessian)", field="hessian")
     return GradientResult(
         loss=_loss_value(response, request.reduction),
         gradient=from_tensor(response.gradient, "gradient"),
         positions=response.positions,
         positions_counted=response.positions_counted,
         weight_sum=response.weight_sum,
+        hessian=None if response.hessian is None else from_tensor(response.hessian, "hessian"),
     )
 
 
@@ -96,6 +106,41 @@ def compute_request(
         sample_weight=None if sample_weight is None else to_tensor(sample_weight,
                                                                    "sample_weight"),
     )
+
+
+def with_hessian(request: ComputeRequest, hessian: str | None, floor: float | None,
+                 constant: float | None) -> ComputeRequest:
+    """``request`` with ComputeGradientRequest's Hessian fields: ``hessian`` is None (no
+    Hessian), "exact", "clipped" or "constant"; ``floor`` and ``constant`` are sent when
+    not None (the server checks that they fit the mode and the loss)."""
+    if hessian is None and floor is None and constant is None:
+        return request
+    code = 0
+    if hessian is not None:
+        found = _HESSIAN_MODES.get(hessian.lower()) if isinstance(hessian, str) else None
+        if found is None:
+            raise InvalidArgumentError(
+                f"hessian: unknown Hessian mode {hessian!r}; expected None or one of "
+                + ", ".join(repr(name) for name in _HESSIAN_MODES),
+                reason="UNKNOWN_HESSIAN_MODE", field="hessian")
+        code = found
+    values: dict[str, float] = {}
+    for field, value in (("hessian_floor", floor), ("hessian_constant", constant)):
+        if value is not None:
+            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+                raise _type_error(field, "a number", value)
+            values[field] = float(value)
+    return dataclasses.replace(request, hessian=code, **values)
+
+
+def no_hessian_stream(stream: bool | None) -> bool:
+    """False (a call with a Hessian is one message: ComputeStream carries no Hessian), or
+    InvalidArgumentError for ``stream=True``."""
+    if stream:
+        raise InvalidArgumentError(
+            "hessian: ComputeStream carries no Hessian; call without stream=True",
+            reason="INVALID_ARGUMENT", field="hessian")
+    return False
 
 
 def _reduction(value: str) -> pb.Reduction.ValueType:
@@ -209,5 +254,8 @@ def _loss_info(info: pb.LossInfo) -> LossInfo:
         params=tuple(_param_info(p) for p in info.params),
         class_axis_last=info.class_axis_last,
         reference=info.reference,
+        hessian_modes=tuple(_enum_name(pb.HessianMode, m, "HESSIAN_MODE_")
+                            for m in info.hessian_modes),
+        hessian=info.hessian,
     )
 

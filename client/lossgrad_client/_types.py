@@ -28,13 +28,16 @@ class LossResult:
 @dataclass(frozen=True)
 class GradientResult:
     """What :meth:`LossClient.compute_gradient` returns: :class:`LossResult`'s fields and
-    ``gradient``, a read-only array with the predictions' shape and dtype."""
+    ``gradient``, a read-only array with the predictions' shape and dtype; ``hessian``,
+    the diagonal Hessian the call asked for (same shape, dtype, weights and scale as the
+    gradient), or None when it asked for none."""
 
     loss: float | npt.NDArray[Any]
     gradient: npt.NDArray[Any]
     positions: int
     positions_counted: int
     weight_sum: float
+    hessian: npt.NDArray[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class LossInfo:
-    """One loss of the server's catalog."""
+    """One loss of the server's catalog. ``hessian_modes`` are the ``hessian=`` values
+    :meth:`LossClient.compute_gradient` accepts for it ("exact", "clipped", "constant";
+    empty: none), and ``hessian`` says what its exact diagonal Hessian is."""
 
     name: str
     aliases: tuple[str, ...]
@@ -80,6 +85,8 @@ class LossInfo:
     params: tuple[ParamInfo, ...]
     class_axis_last: bool
     reference: str
+    hessian_modes: tuple[str, ...] = ()
+    hessian: str = ""
 
     def param(self, name: str) -> ParamInfo | None:
         """Return the parameter called ``name``, or None."""

@@ -29,6 +29,17 @@ class ParamType(enum.Enum):
     DOUBLE_LIST = "double_list"
 
 
+class HessianMode(enum.Enum):
+    """Which diagonal Hessian ComputeGradient returns (none when not asked for)."""
+
+    EXACT = "exact"  # the diagonal of the exact second derivative
+    CLIPPED = "clipped"  # max(exact, floor): positive, for Newton steps
+    CONSTANT = "constant"  # a constant per position, for losses whose Hessian is 0
+
+
+ALL_HESSIAN_MODES = tuple(HessianMode)
+
+
 class Layout(enum.Enum):
     """How the engine views the tensors; a position is an element or a row."""
 
@@ -77,6 +88,10 @@ class LossSpec:
     aliases: tuple[str, ...] = ()
     # alias -> parameter values the alias fixes (a request may not set others).
     alias_presets: dict[str, dict[str, object]] = field(default_factory=dict)
+    # The Hessian modes the loss supports (none: a Hessian request is refused), and what
+    # its exact diagonal Hessian is, in words.
+    hessian_modes: tuple[HessianMode, ...] = ()
+    hessian: str = ""
 
     @property
     def class_axis_last(self) -> bool:
@@ -117,33 +132,52 @@ LOSSES: tuple[LossSpec, ...] = (
     LossSpec(
         "mae", Layout.ELEMENTWISE, "mean absolute error |p - y|; gradient sign(p - y), 0 at 0",
         "PyTorch L1Loss", _VALUES, _SAME_VALUES, aliases=("l1",),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="0 (piecewise linear); GBMs run L1 with a constant h = 1 (XGBoost "
+                "reg:absoluteerror, LightGBM regression_l1, before their leaf refits)",
     ),
     LossSpec(
         "mse", Layout.ELEMENTWISE, "squared error (p - y)^2", "PyTorch MSELoss",
         _VALUES, _SAME_VALUES, aliases=("l2",),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="2; XGBoost reg:squarederror and LightGBM regression use r^2 / 2 "
+                "(gradient r, Hessian 1): half of these",
     ),
     LossSpec(
         "rmse", Layout.ELEMENTWISE,
         "square root of mse under the same reduction and weights; gradient 0 where mse is 0",
         "scikit-learn root_mean_squared_error (single output)", _VALUES, _SAME_VALUES,
+        hessian_modes=(HessianMode.EXACT,),
+        hessian="exact only (not separable, so no per-position floor or constant): "
+                "w_i / (D R) - g_i^2 / R with g the gradient, R the rmse and D the sum of "
+                "the weights (mean) or 1 (sum): the diagonal of a dense Hessian; 0 where "
+                "R = 0, and 0 for reduction none (sqrt(w) |r| per position)",
     ),
     LossSpec(
         "huber", Layout.ELEMENTWISE,
         "0.5 r^2 if |r| < delta else delta (|r| - 0.5 delta), r = p - y", "PyTorch HuberLoss",
         _VALUES, _SAME_VALUES, params=(DELTA,),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="1 for |r| <= delta (the quadratic side at the boundary), 0 outside; "
+                "LightGBM's huber uses h = 1 everywhere (constant)",
     ),
     LossSpec(
         "pseudo_huber", Layout.ELEMENTWISE,
         "delta^2 (sqrt(1 + (r/delta)^2) - 1), r = p - y", "SciPy special.pseudo_huber",
         _VALUES, _SAME_VALUES, params=(DELTA,),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="(1 + (r/delta)^2)^(-3/2), in (0, 1]",
     ),
     LossSpec(
         "hinge", Layout.ELEMENTWISE, "max(0, 1 - y p); gradient 0 at the margin",
         "Keras Hinge (per element)", _SCORES, _LABELS,
+        hessian_modes=ALL_HESSIAN_MODES, hessian="0 (piecewise linear)",
     ),
     LossSpec(
         "squared_hinge", Layout.ELEMENTWISE, "max(0, 1 - y p)^2",
         "Keras SquaredHinge (per element)", _SCORES, _LABELS,
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="2 where 1 - y p > 0, else 0 (0 at the margin)",
     ),
     LossSpec(
         "binary_cross_entropy", Layout.ELEMENTWISE,
@@ -155,6 +189,11 @@ LOSSES: tuple[LossSpec, ...] = (
         params=(FROM_LOGITS, POS_WEIGHT, SMOOTHING),
         aliases=("sigmoid_cross_entropy",),
         alias_presets={"sigmoid_cross_entropy": {"from_logits": True}},
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="logits: (1 + (pw - 1) t) s (1 - s), s = sigmoid(x), t the smoothed target "
+                "(XGBoost binary:logistic is this clipped at 1e-16, the default floor); "
+                "probabilities: pw t / p^2 + (1 - t) / (1 - p)^2, a term 0 where its log "
+                "floor is active",
     ),
     LossSpec(
         "categorical_cross_entropy", Layout.DENSE_ROWS,
@@ -166,6 +205,10 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
                   "probability rows in [0, 1], same shape as predictions"),
         params=(FROM_LOGITS, SMOOTHING),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="the diagonal: logits: (sum_k q'_k) p_k (1 - p_k), p = softmax(x), of the "
+                "dense (sum q') (diag p - p p^T); probabilities: q'_k / p_k^2, 0 where the "
+                "log floor is active",
     ),
     LossSpec(
         "sparse_categorical_cross_entropy", Layout.SPARSE_ROWS,
@@ -177,6 +220,11 @@ LOSSES: tuple[LossSpec, ...] = (
                   "class indices in [0, C) (or ignore_index), shape = predictions' shape "
                   "without the last axis"),
         params=(FROM_LOGITS, IGNORE_INDEX, SMOOTHING, CLASS_WEIGHT),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="the diagonal: logits: ((1 - eps) w_y + (eps/C) sum_c w_c) p_k (1 - p_k), "
+                "p = softmax(x) (XGBoost multi:softprob uses twice p (1 - p), LightGBM "
+                "multiclass C/(C-1) times); probabilities: ((1 - eps) w_y [k = y] + "
+                "(eps/C) w_k) / p_k^2, 0 where the log floor is active; 0 on ignored rows",
     ),
     LossSpec(
         "kl_divergence", Layout.DENSE_ROWS,
@@ -188,6 +236,9 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
                   "target probabilities p in [0, 1], same shape as predictions"),
         params=(LOG_PREDICTIONS,),
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="probabilities: p_k / q_k^2, 0 where p_k = 0 or the log floor is active; "
+                "log q: 0 (linear in log q)",
     ),
 )
 
@@ -219,6 +270,11 @@ gradient are rounded back to the predictions' half type (to nearest, ties to eve
 Element math runs in the predictions' type, every sum in float64 over fixed blocks in a
 fixed order: the same inputs always give the same bits (also through ComputeStream).
 NaN/Inf inputs are rejected unless allow_nonfinite is set.
+Hessians (ComputeGradient with hessian set; LossInfo lists each loss's modes): the
+diagonal of d^2 L / d x^2 with the gradient's weights and scale: scale * s_i *
+clip(h_i), h_i the second derivative of the position's loss (its class weights
+included), s_i the sample weight (0 for ignored positions). exact: h_i itself; clipped:
+max(h_i, hessian_floor), default 1e-16; constant: hessian_constant, default 1.
 """
 
 _BY_NAME: dict[str, LossSpec] = {}

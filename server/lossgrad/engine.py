@@ -14,14 +14,21 @@ from typing import Any
 import numpy as np
 
 from . import catalog
-from .catalog import Layout, LossSpec
+from .catalog import HessianMode, Layout, LossSpec
 from .errors import INVALID_LABELS, InvalidArgumentError
 from .kernels import _numerics as nm
-from .kernels import drivers
+from .kernels import drivers, second_order
 from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
-from .request import FLOAT_DTYPES, Batch, Reduction, check_nonfinite_total, prepare
+from .request import (
+    FLOAT_DTYPES,
+    Batch,
+    Reduction,
+    check_nonfinite_total,
+    hessian_request,
+    prepare,
+)
 
-__all__ = ["Reduction", "Result", "compute", "run", "warmup"]
+__all__ = ["HessianMode", "Reduction", "Result", "compute", "run", "warmup"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,9 @@ class Result:
     (predictions' dtype) for NONE. ``gradient`` has the predictions' shape and dtype,
     or is None when not asked for. ``weight_sum`` is the divisor of MEAN and
     ``positions_counted`` the number of positions with a non-zero weight. ``total`` is
-    the unreduced sum of w * loss (from ``Batch.start`` on; rmse: of w * r^2).
+    the unreduced sum of w * loss (from ``Batch.start`` on; rmse: of w * r^2). ``hessian``
+    is the diagonal Hessian (the gradient's shape, dtype, weights and scale), or None
+    when not asked for.
     """
 
     loss: float | np.ndarray
@@ -41,6 +50,7 @@ class Result:
     positions_counted: int
     weight_sum: float
     total: float = 0.0
+    hessian: np.ndarray | None = None
 
 
 
@@ -52,18 +62,28 @@ def compute(
     reduction: Reduction | str = Reduction.MEAN,
     sample_weight: Any = None,
     gradient: bool = True,
+    hessian: HessianMode | str | None = None,
+    hessian_floor: float | None = None,
+    hessian_constant: float | None = None,
     allow_nonfinite: bool = False,
     **params: Any,
 ) -> Result:
     """Compute a loss (and by default its gradient w.r.t. the predictions).
 
     ``loss`` is a catalog name or alias; ``params`` are the loss's parameters (see
-    ``lossgrad.catalog``). Inputs are anything ``numpy.asarray`` takes. Raises
+    ``lossgrad.catalog``). Inputs are anything ``numpy.asarray`` takes. ``hessian``
+    ("exact", "clipped" or "constant"; the loss's ``hessian_modes``) also returns the
+    diagonal Hessian, with the gradient: ``hessian_floor`` (clipped, default 1e-16) and
+    ``hessian_constant`` (constant, default 1) set its bounds. Raises
     ``InvalidArgumentError`` naming the field and the reason for bad input.
     """
     nm.compile_kernels()  # once: the first call compiles every kernel
     batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
                     params)
+    batch.hessian = hessian_request(batch.spec, hessian, hessian_floor, hessian_constant)
+    if batch.hessian is not None and not gradient:
+        raise InvalidArgumentError("hessian", "a Hessian comes with the gradient "
+                                   "(ComputeGradient), not with the loss alone")
     return _RUNNERS[batch.spec.name](batch, gradient)
 
 
@@ -82,6 +102,8 @@ def warmup() -> None:
             for red in Reduction:
                 for grad in (True, False):
                     compute(spec.name, x, t, reduction=red, gradient=grad)
+            if HessianMode.EXACT in spec.hessian_modes:
+                compute(spec.name, x, t, hessian=HessianMode.EXACT)
 
 
 # --- running kernels ---------------------------------------------------------------
@@ -113,7 +135,7 @@ def _narrow(batch: Batch, array: np.ndarray) -> np.ndarray:
 
 
 def _result(batch: Batch, total: float, out: np.ndarray,
-            grad: np.ndarray | None) -> Result:
+            grad: np.ndarray | None, hess: np.ndarray | None = None) -> Result:
     if batch.reduction is Reduction.NONE:
         loss: float | np.ndarray = _narrow(batch, out.reshape(batch.position_shape))
     elif batch.reduction is Reduction.SUM:
@@ -127,11 +149,20 @@ def _result(batch: Batch, total: float, out: np.ndarray,
         positions_counted=int(batch.counted),
         weight_sum=float(batch.weight_sum),
         total=float(total),
+        hessian=None if hess is None else _narrow(batch, hess.reshape(batch.shape)),
     )
 
 
 def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
                      b: float = 0.0, x_unit: bool = False, t_unit: bool = False) -> Result:
+    if batch.hessian is not None:  # the Hessian path: separate kernels
+        out, grad = _buffers(batch, True)
+        hess = np.empty_like(grad)
+        total = second_order.elementwise(
+            batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), op, a, b,
+            batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
+        check_nonfinite_total(batch, total, x_unit, t_unit)
+        return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
     total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a, b,
                                 not batch.allow_nonfinite, _parallel(batch), batch.start)
@@ -141,6 +172,14 @@ def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
 
 def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
                x_unit: bool) -> Result:
+    if batch.hessian is not None:
+        out, grad = _buffers(batch, True)
+        hess = np.empty_like(grad)
+        total = second_order.dense_rows(
+            batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), op, a,
+            batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
+        check_nonfinite_total(batch, total, x_unit, True)
+        return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
     total = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a,
                                not batch.allow_nonfinite, want_grad, _parallel(batch),
@@ -159,20 +198,34 @@ def _rmse(batch: Batch, want_grad: bool) -> Result:
     """sqrt of mse under the same reduction; per position sqrt(w r^2) = sqrt(w) |r|."""
     if batch.reduction is Reduction.NONE:
         batch.w = np.sqrt(batch.w) if batch.w.size else batch.w
-        return _run_elementwise(batch, want_grad, drivers.MAE)
+        return _run_elementwise(batch, want_grad, drivers.MAE)  # exact Hessian: 0
     out, grad = _buffers(batch, False)
     total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, 0.0, drivers.MSE, 0.0,
                                 0.0, not batch.allow_nonfinite, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, False, False)
     divisor = batch.weight_sum if batch.reduction is Reduction.MEAN else 1.0
     rmse = math.sqrt(total / divisor) if divisor > 0 else 0.0
+    hess = None
     if want_grad:
         out, grad = _buffers(batch, True)
         scale = 1.0 / (2.0 * rmse * divisor) if rmse > 0 else 0.0
         drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0,
                             not batch.allow_nonfinite, _parallel(batch), 0.0)
+        if batch.hessian is not None:  # exact only (catalog): w / (D R) - g^2 / R
+            hess = _rmse_hessian(batch, grad, rmse, divisor)
     return Result(rmse, _narrow(batch, grad.reshape(batch.shape)) if want_grad else None,
-                  math.prod(batch.position_shape), batch.counted, batch.weight_sum, total)
+                  math.prod(batch.position_shape), batch.counted, batch.weight_sum, total,
+                  None if hess is None else _narrow(batch, hess.reshape(batch.shape)))
+
+
+def _rmse_hessian(batch: Batch, grad: np.ndarray, rmse: float, divisor: float) -> np.ndarray:
+    """The diagonal of the Hessian of R = sqrt(sum w r^2 / D): w_i / (D R) - g_i^2 / R,
+    g the gradient (a dense matrix: only its diagonal is returned); 0 where R = 0."""
+    if rmse <= 0:
+        return np.zeros_like(grad)
+    g = grad.astype(np.float64)
+    w = batch.w if batch.w.size else 1.0
+    return (w / (divisor * rmse) - g * g / rmse).astype(grad.dtype)
 
 
 def _hinge(op: int) -> Callable[[Batch, bool], Result]:
@@ -211,10 +264,20 @@ def _kl(batch: Batch, want_grad: bool) -> Result:
 def _sparse(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
     logits = p["from_logits"]
+    op = SPARSE_LOGITS if logits else SPARSE_PROBS
+    if batch.hessian is not None:
+        out, grad = _buffers(batch, True)
+        hess = np.empty_like(grad)
+        total = second_order.sparse_rows(
+            batch.x, batch.t, batch.w, p["class_weight"], out, grad, hess, _scale(batch),
+            p["ignore_index"], p["label_smoothing"], op, batch.hessian.bounds,
+            not batch.allow_nonfinite, _parallel(batch))
+        check_nonfinite_total(batch, total, not logits, False)
+        return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
     total = drivers.sparse_rows(
         batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
-        p["ignore_index"], p["label_smoothing"], SPARSE_LOGITS if logits else SPARSE_PROBS,
+        p["ignore_index"], p["label_smoothing"], op,
         not batch.allow_nonfinite, want_grad, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, not logits, False)
     return _result(batch, total, out, grad if want_grad else None)

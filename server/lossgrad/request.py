@@ -18,13 +18,15 @@ import ml_dtypes
 import numpy as np
 
 from . import catalog
-from .catalog import Layout, LossSpec, ParamType
+from .catalog import HessianMode, Layout, LossSpec, ParamType
 from .errors import (
     EMPTY_BATCH,
+    HESSIAN_NOT_SUPPORTED,
     LABEL_OUT_OF_RANGE,
     NONFINITE_INPUT,
     PARAMETER_OUT_OF_RANGE,
     SHAPE_MISMATCH,
+    UNKNOWN_HESSIAN_MODE,
     UNKNOWN_PARAMETER,
     UNKNOWN_REDUCTION,
     UNSUPPORTED_DTYPE,
@@ -40,6 +42,8 @@ HALF_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _EMPTY_F8 = np.empty(0, dtype=np.float64)
 _NO_IGNORE = np.iinfo(np.int64).min
+DEFAULT_HESSIAN_FLOOR = 1e-16  # XGBoost's floor for its logistic and softmax Hessians
+DEFAULT_HESSIAN_CONSTANT = 1.0
 
 
 class Reduction(enum.Enum):
@@ -67,6 +71,69 @@ class Batch:
     shape: tuple[int, ...]  # the predictions' shape, which the gradient takes
     out_dtype: np.dtype[Any] | None = None  # a half type the outputs go back to, if any
     start: float = 0.0  # the sum of w * loss over the positions before these (a stream's)
+    hessian: HessianRequest | None = None  # set by the engine when a Hessian is wanted
+
+
+@dataclass(frozen=True)
+class HessianRequest:
+    """A validated Hessian request: the mode, and the bounds [lo, hi] the kernels clip
+    each position's second derivative to (exact: unbounded; clipped: [floor, inf];
+    constant: [c, c])."""
+
+    mode: HessianMode
+    bounds: np.ndarray  # float64 [lo, hi]
+
+
+def hessian_request(spec: LossSpec, mode: HessianMode | str | None, floor: Any,
+                    constant: Any) -> HessianRequest | None:
+    """Validate the Hessian fields of a request; None when no Hessian is wanted."""
+    if mode is not None and not isinstance(mode, HessianMode):
+        try:
+            mode = HessianMode(str(mode).lower())
+        except ValueError:
+            raise InvalidArgumentError(
+                "hessian", f"unknown Hessian mode {mode!r}; use exact, clipped or constant",
+                UNKNOWN_HESSIAN_MODE) from None
+    for name, value, owner in (("hessian_floor", floor, HessianMode.CLIPPED),
+                               ("hessian_constant", constant, HessianMode.CONSTANT)):
+        if value is not None and mode is not owner:
+            shown = "not set" if mode is None else mode.value
+            raise InvalidArgumentError(
+                name, f"applies to hessian={owner.value} only (hessian is {shown})",
+                UNKNOWN_PARAMETER)
+    if mode is None:
+        return None
+    if mode not in spec.hessian_modes:
+        modes = ", ".join(m.value for m in spec.hessian_modes) or "none"
+        raise InvalidArgumentError(
+            "hessian", f"loss {spec.name!r} has no {mode.value} Hessian (its modes: {modes})",
+            HESSIAN_NOT_SUPPORTED)
+    if mode is HessianMode.CLIPPED:
+        lo = _hessian_bound("hessian_floor", floor, DEFAULT_HESSIAN_FLOOR, 0.0, True)
+        return HessianRequest(mode, np.array([lo, math.inf]))
+    if mode is HessianMode.CONSTANT:
+        c = _hessian_bound("hessian_constant", constant, DEFAULT_HESSIAN_CONSTANT, 0.0, False)
+        return HessianRequest(mode, np.array([c, c]))
+    return HessianRequest(mode, np.array([-math.inf, math.inf]))
+
+
+def _hessian_bound(field: str, value: Any, default: float, minimum: float,
+                   inclusive: bool) -> float:
+    if value is None:
+        return default
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(field, f"must be a number, got {value!r}",
+                                   PARAMETER_OUT_OF_RANGE)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(field, f"must be a number, got {value!r}",
+                                   PARAMETER_OUT_OF_RANGE) from None
+    if not (math.isfinite(number) and (number > minimum or (inclusive and number == minimum))):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise InvalidArgumentError(field, f"{number!r} must be finite and {bound}",
+                                   PARAMETER_OUT_OF_RANGE)
+    return number
 
 
 def prepare(loss: str, predictions: Any, targets: Any, reduction: Reduction | str,

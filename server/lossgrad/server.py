@@ -219,7 +219,8 @@ def create_server(
                 reflection=reflection, tls=tls is not None,
                 mutual_tls=tls is not None and tls.client_ca is not None,
                 auth=auth_token is not None, metrics=metrics_port is not None,
-                kserve=kserve_api, streaming=True),
+                kserve=kserve_api, streaming=True,
+                hessian=True),
             telemetry=telemetry)
         server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
                         max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,

@@ -33,6 +33,7 @@ SERVICE_NAME = "lossgrad.v1.LossService"
 
 _KINDS = {kind: pb.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in catalog.InputKind}
 _PARAM_TYPES = {t: pb.ParamType.Value(f"PARAM_TYPE_{t.name}") for t in catalog.ParamType}
+_HESSIAN_MODES = {m: pb.HessianMode.Value(f"HESSIAN_MODE_{m.name}") for m in catalog.HessianMode}
 DEFAULT_MAX_STREAM_CHUNKS = 1_000_000
 SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64", "float16", "bfloat16")
 _DTYPES = {name: wire.data_type(wire.numpy_dtype(name)) for name in SUPPORTED_DTYPES}
@@ -178,7 +179,9 @@ def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
 
 
 def _compute(request: ComputeRequest, *, gradient: bool) -> ComputeResponse:
-    """Run one Compute* request (the two RPCs differ only in ``gradient``)."""
+    """Run one Compute* request (the two RPCs differ only in ``gradient``; the Hessian
+    fields are ComputeGradientRequest's, unknown fields to ComputeLoss)."""
+    hessian = wire.hessian_options(request) if gradient else {}
     result = engine.compute(
         request.loss,
         wire.decode_required(request.predictions, "predictions"),
@@ -187,6 +190,7 @@ def _compute(request: ComputeRequest, *, gradient: bool) -> ComputeResponse:
         sample_weight=wire.decode_optional(request.sample_weight, "sample_weight"),
         gradient=gradient,
         allow_nonfinite=request.allow_nonfinite,
+        **hessian,
         **wire.decode_params(request.params),
     )
     if gradient and result.gradient is None:
@@ -199,6 +203,7 @@ def _compute(request: ComputeRequest, *, gradient: bool) -> ComputeResponse:
         positions_counted=int(result.positions_counted),
         weight_sum=float(result.weight_sum),
         gradient=wire.encode_tensor(result.gradient) if gradient else None,
+        hessian=None if result.hessian is None else wire.encode_tensor(result.hessian),
     )
 
 
@@ -218,6 +223,8 @@ def _loss_info(spec: catalog.LossSpec) -> pb.LossInfo:
         params=[_param_info(p) for p in spec.params],
         class_axis_last=spec.class_axis_last,
         reference=spec.reference,
+        hessian_modes=[_HESSIAN_MODES[m] for m in spec.hessian_modes],
+        hessian=spec.hessian,
     )
 
 

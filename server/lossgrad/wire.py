@@ -20,13 +20,14 @@ import numpy as np
 from lossgrad_client import _wire
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
-from .engine import Reduction
+from .engine import HessianMode, Reduction
 from .errors import (
     BYTE_SIZE_MISMATCH,
     MALFORMED_REQUEST,
     MISSING_FIELD,
     NEGATIVE_DIMENSION,
     TOO_MANY_ELEMENTS,
+    UNKNOWN_HESSIAN_MODE,
     UNKNOWN_REDUCTION,
     UNSUPPORTED_DTYPE,
     InvalidArgumentError,
@@ -49,6 +50,13 @@ _REDUCTIONS: dict[int, Reduction] = {
     pb.REDUCTION_NONE: Reduction.NONE,
     pb.REDUCTION_SUM: Reduction.SUM,
     pb.REDUCTION_MEAN: Reduction.MEAN,
+}
+
+_HESSIAN_MODES: dict[int, HessianMode | None] = {
+    pb.HESSIAN_MODE_UNSPECIFIED: None,
+    pb.HESSIAN_MODE_EXACT: HessianMode.EXACT,
+    pb.HESSIAN_MODE_CLIPPED: HessianMode.CLIPPED,
+    pb.HESSIAN_MODE_CONSTANT: HessianMode.CONSTANT,
 }
 
 # The largest array NumPy can describe, in bytes; zero-sized dimensions count as 1
@@ -177,6 +185,19 @@ def decode_reduction(value: int) -> Reduction:
     except KeyError:
         raise InvalidArgumentError(
             "reduction", f"unknown reduction value {value}", UNKNOWN_REDUCTION) from None
+
+
+def hessian_options(request: _wire.ComputeRequest) -> dict[str, Any]:
+    """The engine's Hessian arguments from a ComputeGradientRequest (the mode as the
+    engine's HessianMode, None when unset; the floor and constant None when unset)."""
+    try:
+        mode = _HESSIAN_MODES[request.hessian]
+    except KeyError:
+        raise InvalidArgumentError(
+            "hessian", f"unknown Hessian mode value {request.hessian}",
+            UNKNOWN_HESSIAN_MODE) from None
+    return {"hessian": mode, "hessian_floor": request.hessian_floor,
+            "hessian_constant": request.hessian_constant}
 
 
 def decode_params(params: pb.LossParams | None) -> dict[str, Any]:

@@ -32,17 +32,19 @@ _DOUBLE = struct.Struct("<d")
 _REQUEST_FIELDS = {1: ("loss", "string"), 2: ("predictions", "tensor"),
                    3: ("targets", "tensor"), 4: ("sample_weight", "tensor"),
                    5: ("reduction", "int32"), 6: ("params", "message"),
-                   7: ("allow_nonfinite", "bool")}
+                   7: ("allow_nonfinite", "bool"), 8: ("hessian", "int32"),
+                   9: ("hessian_floor", "double"), 10: ("hessian_constant", "double")}
 _RESPONSE_FIELDS = {1: ("loss", "double"), 2: ("losses", "tensor"), 3: ("positions", "int64"),
                     4: ("positions_counted", "int64"), 5: ("weight_sum", "double"),
-                    6: ("gradient", "tensor")}
+                    6: ("gradient", "tensor"), 7: ("hessian", "tensor")}
 _STREAM_REQUEST_FIELDS = {1: ("header", "message"), 2: ("predictions", "tensor"),
                           3: ("targets", "tensor"), 4: ("sample_weight", "tensor")}
 _STREAM_RESPONSE_FIELDS = {1: ("ready", "message"), 2: ("gradient", "tensor"),
                            3: ("losses", "tensor"), 4: ("summary", "message")}
 _TENSOR_FIELDS = {1: ("dtype", "int32"), 2: ("shape", "shape"), 3: ("data", "bytes")}
 _TENSOR_NAMES = {path: {number: f"{path}.{name}" for number, (name, _) in _TENSOR_FIELDS.items()}
-                 for path in ("predictions", "targets", "sample_weight", "losses", "gradient")}
+                 for path in ("predictions", "targets", "sample_weight", "losses", "gradient",
+                              "hessian")}
 _WIRE_TYPES = {"string": LEN, "tensor": LEN, "message": LEN, "bytes": LEN, "shape": LEN,
                "int32": VARINT, "int64": VARINT, "bool": VARINT, "double": I64}
 
@@ -129,6 +131,8 @@ def _field(message: Any, name: str) -> Any:
     """A field of a generated message as this module represents it."""
     value = getattr(message, name)
     if not isinstance(value, Message):
+        if message.DESCRIPTOR.fields_by_name[name].has_presence and not message.HasField(name):
+            return None  # an ``optional`` scalar that is not set
         return value
     if not message.HasField(name):
         return None

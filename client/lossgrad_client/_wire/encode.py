@@ -43,13 +43,20 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
         _put_bytes(tail, 6, request.params.SerializeToString(deterministic=True))
     if request.allow_nonfinite:
         tail += b"\x38\x01"
+    if request.hessian:
+        _put_varint(tail, 8 << 3 | VARINT, request.hessian)
+    for number, value in ((9, request.hessian_floor), (10, request.hessian_constant)):
+        if value is not None:  # ``optional``: written when set, 0.0 included
+            tail.append(number << 3 | I64)
+            tail += _DOUBLE.pack(value)
     parts.append(tail)
     return b"".join(parts)
 
 
 def serialize_response(response: ComputeResponse, *, align: bool = True) -> bytes:
     """Encode a ComputeLossResponse/ComputeGradientResponse (the latter when ``gradient``
-    is set); each tensor's bytes are copied once. ``align`` as in :func:`serialize_request`."""
+    or ``hessian`` is set); each tensor's bytes are copied once. ``align`` as in
+    :func:`serialize_request`."""
     head = bytearray()
     _put_double(head, 1, response.loss)
     parts: list[Buffer] = [head]
@@ -65,7 +72,9 @@ def serialize_response(response: ComputeResponse, *, align: bool = True) -> byte
     parts.append(middle)
     offset += len(middle)
     if response.gradient is not None:
-        _put_tensor(parts, offset, 6, response.gradient, align)
+        offset = _put_tensor(parts, offset, 6, response.gradient, align)
+    if response.hessian is not None:
+        _put_tensor(parts, offset, 7, response.hessian, align)
     return b"".join(parts)
 
 

@@ -95,8 +95,9 @@ class Tensor:
 
 @dataclass(frozen=True)
 class ComputeRequest:
-    """A ComputeLossRequest or ComputeGradientRequest (the same fields). A message field
-    that is not set is None."""
+    """A ComputeLossRequest or ComputeGradientRequest (the same fields; the ``hessian*``
+    fields are the gradient request's only). A message field or ``optional`` scalar that
+    is not set is None."""
 
     loss: str = ""
     predictions: Tensor | None = None
@@ -105,12 +106,15 @@ class ComputeRequest:
     reduction: int = 0
     params: pb.LossParams | None = None
     allow_nonfinite: bool = False
+    hessian: int = 0
+    hessian_floor: float | None = None
+    hessian_constant: float | None = None
 
 
 @dataclass(frozen=True)
 class ComputeResponse:
-    """A ComputeLossResponse or ComputeGradientResponse (``gradient`` is only in the
-    latter). A message field that is not set is None."""
+    """A ComputeLossResponse or ComputeGradientResponse (``gradient`` and ``hessian`` are
+    only in the latter). A message field that is not set is None."""
 
     loss: float = 0.0
     losses: Tensor | None = None
@@ -118,6 +122,7 @@ class ComputeResponse:
     positions_counted: int = 0
     weight_sum: float = 0.0
     gradient: Tensor | None = None
+    hessian: Tensor | None = None
 
 
 @dataclass(frozen=True)

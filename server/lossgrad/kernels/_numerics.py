@@ -348,6 +348,13 @@ def saturate(v, like):  # type: ignore[no-untyped-def]
 
 
 @inline
+def clip(v, lo, hi):  # type: ignore[no-untyped-def]
+    """v clamped to [lo, hi] (NaN stays NaN): the Hessian modes are bounds on h."""
+    v = lo if v < lo else v
+    return hi if v > hi else v
+
+
+@inline
 def clog(v):  # type: ignore[no-untyped-def]
     """(log v floored at -100, its derivative): 1/v where the floor is not active, else 0."""
     lv = flog(v)

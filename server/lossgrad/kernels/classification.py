@@ -17,6 +17,7 @@ from ._numerics import (
     BLOCK,
     In,
     block_sum,
+    clip,
     clog,
     f8,
     fconst,
@@ -88,6 +89,42 @@ def bce_logits(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
     sig = (one if x >= zero else e) * r
     loss = pos_weight * t * sp_neg + (one - t) * sp_pos + unit_poison(y)
     return loss, (one + (pos_weight - one) * t) * sig - pos_weight * t
+
+
+@inline
+def hinge_hessian(x, y, zero_one, b):  # type: ignore[no-untyped-def]
+    """0: max(0, 1 - y x) is piecewise linear."""
+    return fconst(x, 0.0)
+
+
+@inline
+def squared_hinge_hessian(x, y, zero_one, b):  # type: ignore[no-untyped-def]
+    """2 y^2 = 2 where the margin is violated (1 - y x > 0), else 0 (0 at the margin)."""
+    one = fconst(x, 1.0)
+    s = fconst(x, 2.0) * y - one if zero_one != fconst(x, 0.0) else y
+    return fconst(x, 2.0) if one - s * x > fconst(x, 0.0) else fconst(x, 0.0)
+
+
+@inline
+def bce_hessian(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
+    """pw t / x^2 + (1 - t) / (1 - x)^2: each term is 0 where its log floor is active
+    (the derivative of the gradient of the floored expression). Formed in float64, where
+    1 / x^2 stays finite down to the floor, then saturated to the predictions' type."""
+    t = np.float64(_smooth(y, smoothing))
+    _, dlp = clog(np.float64(x))
+    _, dlq = clog(1.0 - np.float64(x))
+    return fconst(x, saturate(pos_weight * t * dlp * dlp + (1.0 - t) * dlq * dlq, x))
+
+
+@inline
+def bce_logits_hessian(x, y, pos_weight, smoothing):  # type: ignore[no-untyped-def]
+    """(1 + (pw - 1) t) sigmoid(x) (1 - sigmoid(x)), written e / (1 + e)^2 with
+    e = exp(-|x|): no cancellation, and 0 only where it underflows."""
+    t = _smooth(y, smoothing)
+    one = fconst(x, 1.0)
+    e = fexp_nonpositive(-abs(x))
+    r = one / (one + e)
+    return (one + (pos_weight - one) * t) * (e * r * r)
 
 
 @inline
@@ -284,4 +321,73 @@ def signed_label_mode(t):  # type: ignore[no-untyped-def]
     return (1 if seen_zero >= 0 else 0), -1
 
 
+# --- rows with the diagonal Hessian (the Hessian path, ``second_order.py``) ---------------
+# Each runs its row function above with the gradient, then writes
+# hs_k = coef * clip(d^2 loss / d x_k^2, lo, hi) in the row's type; the second derivative
+# is formed in float64.
 
+@inline
+def _softmax_hessian(x, e, h, hs, coef, total, lo, hi):  # type: ignore[no-untyped-def]
+    """hs_k = coef * clip(total * p_k (1 - p_k)), p = softmax(x), from the exps that
+    ``softmax_row`` left in ``e``."""
+    m = _row_max(x)
+    for k in range(x.size):
+        h[k] = unnormalised(e, x, m, k)
+    z = block_sum(h)
+    for k in range(x.size):
+        p = h[k] / z
+        hs[k] = coef * clip(total * p * (1.0 - p), lo, hi)
+
+
+@inline
+def cce_logits_row_hessian(x, q, g, hs, e, h, coef, smoothing, lo, hi,  # type: ignore[no-untyped-def]
+                           strict):
+    """Diagonal (sum q') p_k (1 - p_k) of the Hessian (sum q') (diag p - p p^T)."""
+    loss = cce_logits_row(x, q, g, e, h, coef, smoothing, strict, True)
+    spread = smoothing / x.size
+    total_q = 0.0
+    for k in range(x.size):
+        total_q += (1.0 - smoothing) * q[k] + spread
+    _softmax_hessian(x, e, h, hs, coef, total_q, lo, hi)
+    return loss
+
+
+@inline
+def cce_probs_row_hessian(x, q, g, hs, e, h, coef, smoothing, lo, hi,  # type: ignore[no-untyped-def]
+                          strict):
+    """q'_k / x_k^2, 0 where the log floor is active."""
+    loss = cce_probs_row(x, q, g, e, h, coef, smoothing, strict, True)
+    spread = smoothing / x.size
+    for k in range(x.size):
+        _, d = clog(np.float64(x[k]))
+        hk = ((1.0 - smoothing) * q[k] + spread) * d * d
+        hs[k] = saturate(coef * clip(hk, lo, hi), x)
+    return loss
+
+
+@inline
+def sparse_logits_row_hessian(x, yi, cw, total_w, g, hs, e, h, coef,  # type: ignore[no-untyped-def]
+                              smoothing, lo, hi, strict):
+    """((1 - eps) w_y + (eps / C) sum w) p_k (1 - p_k): the diagonal of that factor
+    times (diag p - p p^T)."""
+    loss = sparse_logits_row(x, yi, cw, total_w, g, e, h, coef, smoothing, strict, True)
+    wy = cw[yi] if cw.size > 0 else 1.0
+    _softmax_hessian(x, e, h, hs, coef, (1.0 - smoothing) * wy + smoothing / x.size * total_w,
+                     lo, hi)
+    return loss
+
+
+@inline
+def sparse_probs_row_hessian(x, yi, cw, total_w, g, hs, e, h, coef,  # type: ignore[no-untyped-def]
+                             smoothing, lo, hi, strict):
+    """((1 - eps) w_y [k = y] + (eps / C) w_k) / x_k^2, 0 where the log floor is active."""
+    loss = sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing, strict, True)
+    has_cw = cw.size > 0
+    spread = smoothing / x.size
+    for k in range(x.size):
+        a = spread * (cw[k] if has_cw else 1.0)
+        if k == yi:
+            a += (1.0 - smoothing) * (cw[yi] if has_cw else 1.0)
+        _, d = clog(np.float64(x[k]))
+        hs[k] = saturate(coef * clip(a * d * d, lo, hi), x)
+    return loss

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._numerics import (
     block_sum,
+    clip,
     clog,
     fconst,
     flog,
@@ -55,3 +56,25 @@ def kl_log_row(lq, p, g, e, h, coef, unused, strict, want_grad):  # type: ignore
         if want_grad:
             g[k] = -cf * p[k]
     return block_sum(h)
+
+
+@inline
+def kl_probs_row_hessian(q, p, g, hs, e, h, coef, unused, lo, hi,  # type: ignore[no-untyped-def]
+                         strict):
+    """p_k / q_k^2: 0 where p_k = 0 or the log floor is active."""
+    loss = kl_probs_row(q, p, g, e, h, coef, unused, strict, True)
+    for k in range(q.size):
+        pk = np.float64(p[k])
+        _, d = clog(np.float64(q[k]))
+        hs[k] = saturate(coef * clip(pk * d * d, lo, hi), q)
+    return loss
+
+
+@inline
+def kl_log_row_hessian(lq, p, g, hs, e, h, coef, unused, lo, hi,  # type: ignore[no-untyped-def]
+                       strict):
+    """0: KL is linear in log q."""
+    loss = kl_log_row(lq, p, g, e, h, coef, unused, strict, True)
+    for k in range(lq.size):
+        hs[k] = coef * clip(0.0, lo, hi)
+    return loss

@@ -51,3 +51,31 @@ def pseudo_huber(x, y, delta, b):  # type: ignore[no-untyped-def]
     u = r / delta
     s = math.sqrt(fconst(x, 1.0) + u * u)
     return r * r / (s + fconst(x, 1.0)), r / s
+
+
+# --- second derivatives d^2 loss / d x^2 (the Hessian path, ``second_order.py``) ---------
+
+@inline
+def mae_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """0: |r| is piecewise linear (and the kink at r = 0 has no second derivative)."""
+    return fconst(x, 0.0)
+
+
+@inline
+def mse_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """2, from r^2 (XGBoost's and LightGBM's squared error is r^2 / 2: h = 1)."""
+    return fconst(x, 2.0)
+
+
+@inline
+def huber_hessian(x, y, delta, b):  # type: ignore[no-untyped-def]
+    """1 for |r| <= delta (the quadratic side at the boundary), 0 outside."""
+    return fconst(x, 1.0) if abs(x - y) <= delta else fconst(x, 0.0)
+
+
+@inline
+def pseudo_huber_hessian(x, y, delta, b):  # type: ignore[no-untyped-def]
+    """(1 + u^2)^(-3/2), u = r / delta: in (0, 1], tending to 0 for large |r|."""
+    u = (x - y) / delta
+    s = math.sqrt(fconst(x, 1.0) + u * u)
+    return fconst(x, 1.0) / (s * s * s)

@@ -156,6 +156,51 @@ INPUT_KIND_SCORES: InputKind.ValueType  # 7
 """Raw decision scores (margins)."""
 Global___InputKind: _TypeAlias = InputKind  # noqa: Y015
 
+class _HessianMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HessianModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HessianMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HESSIAN_MODE_UNSPECIFIED: _HessianMode.ValueType  # 0
+    """Not set: no Hessian is computed or returned."""
+    HESSIAN_MODE_EXACT: _HessianMode.ValueType  # 1
+    """h = the diagonal of the exact second derivative of the returned loss w.r.t. the
+    predictions (0 where the loss is piecewise linear; at kinks, the side that
+    LossInfo.hessian states).
+    """
+    HESSIAN_MODE_CLIPPED: _HessianMode.ValueType  # 2
+    """h = max(exact, hessian_floor): a positive Hessian for Newton steps, as XGBoost's
+    logistic and softmax objectives floor theirs (at 1e-16).
+    """
+    HESSIAN_MODE_CONSTANT: _HessianMode.ValueType  # 3
+    """h = hessian_constant for every position, as gradient-boosting libraries run losses
+    whose Hessian is 0 (L1, quantile).
+    """
+
+class HessianMode(_HessianMode, metaclass=_HessianModeEnumTypeWrapper):
+    """HessianMode says whether ComputeGradient also returns the diagonal Hessian, and which.
+    Every mode is per position before weighting: the returned Hessian is
+    scale * w_i * h_i, with the weights and the reduction's scale of the gradient.
+    """
+
+HESSIAN_MODE_UNSPECIFIED: HessianMode.ValueType  # 0
+"""Not set: no Hessian is computed or returned."""
+HESSIAN_MODE_EXACT: HessianMode.ValueType  # 1
+"""h = the diagonal of the exact second derivative of the returned loss w.r.t. the
+predictions (0 where the loss is piecewise linear; at kinks, the side that
+LossInfo.hessian states).
+"""
+HESSIAN_MODE_CLIPPED: HessianMode.ValueType  # 2
+"""h = max(exact, hessian_floor): a positive Hessian for Newton steps, as XGBoost's
+logistic and softmax objectives floor theirs (at 1e-16).
+"""
+HESSIAN_MODE_CONSTANT: HessianMode.ValueType  # 3
+"""h = hessian_constant for every position, as gradient-boosting libraries run losses
+whose Hessian is 0 (L1, quantile).
+"""
+Global___HessianMode: _TypeAlias = HessianMode  # noqa: Y015
+
 class _ParamType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -414,12 +459,23 @@ class ComputeGradientRequest(_message.Message):
     REDUCTION_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     ALLOW_NONFINITE_FIELD_NUMBER: _builtins.int
+    HESSIAN_FIELD_NUMBER: _builtins.int
+    HESSIAN_FLOOR_FIELD_NUMBER: _builtins.int
+    HESSIAN_CONSTANT_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """Loss name or alias from ListLosses, e.g. "mse" or "l2"."""
     reduction: Global___Reduction.ValueType
     """How per-position losses are combined. Unset means REDUCTION_MEAN."""
     allow_nonfinite: _builtins.bool
     """Accept NaN and Inf in the inputs instead of rejecting them."""
+    hessian: Global___HessianMode.ValueType
+    """Also return the diagonal Hessian (LossInfo.hessian_modes lists the modes a loss
+    supports). Unset: no Hessian.
+    """
+    hessian_floor: _builtins.float
+    """HESSIAN_MODE_CLIPPED only: the floor, finite and >= 0. Unset means 1e-16."""
+    hessian_constant: _builtins.float
+    """HESSIAN_MODE_CONSTANT only: the constant, finite and > 0. Unset means 1."""
     @_builtins.property
     def predictions(self) -> Global___Tensor:
         """Predictions: float32 or float64."""
@@ -448,12 +504,22 @@ class ComputeGradientRequest(_message.Message):
         reduction: Global___Reduction.ValueType = ...,
         params: Global___LossParams | None = ...,
         allow_nonfinite: _builtins.bool = ...,
+        hessian: Global___HessianMode.ValueType = ...,
+        hessian_floor: _builtins.float | None = ...,
+        hessian_constant: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "allow_nonfinite", b"allow_nonfinite", "hessian", b"hessian", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__hessian_constant: _TypeAlias = _typing.Literal["hessian_constant"]  # noqa: Y015
+    _WhichOneofArgType__hessian_constant: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant"]  # noqa: Y015
+    _WhichOneofReturnType__hessian_floor: _TypeAlias = _typing.Literal["hessian_floor"]  # noqa: Y015
+    _WhichOneofArgType__hessian_floor: _TypeAlias = _typing.Literal["_hessian_floor", b"_hessian_floor"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hessian_constant) -> _WhichOneofReturnType__hessian_constant | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hessian_floor) -> _WhichOneofReturnType__hessian_floor | None: ...
 
 Global___ComputeGradientRequest: _TypeAlias = ComputeGradientRequest  # noqa: Y015
 
@@ -469,6 +535,7 @@ class ComputeGradientResponse(_message.Message):
     POSITIONS_COUNTED_FIELD_NUMBER: _builtins.int
     WEIGHT_SUM_FIELD_NUMBER: _builtins.int
     GRADIENT_FIELD_NUMBER: _builtins.int
+    HESSIAN_FIELD_NUMBER: _builtins.int
     loss: _builtins.float
     """The reduced loss (REDUCTION_SUM, REDUCTION_MEAN); 0 for REDUCTION_NONE."""
     positions: _builtins.int
@@ -485,6 +552,12 @@ class ComputeGradientResponse(_message.Message):
     def gradient(self) -> Global___Tensor:
         """Gradient of the returned loss w.r.t. the predictions: same shape and dtype."""
 
+    @_builtins.property
+    def hessian(self) -> Global___Tensor:
+        """The diagonal Hessian that the request's `hessian` asked for, with the gradient's
+        shape, dtype, weights and scale; not set when none was asked for.
+        """
+
     def __init__(
         self,
         *,
@@ -494,10 +567,11 @@ class ComputeGradientResponse(_message.Message):
         positions_counted: _builtins.int = ...,
         weight_sum: _builtins.float = ...,
         gradient: Global___Tensor | None = ...,
+        hessian: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "losses", b"losses"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "hessian", b"hessian", "losses", b"losses"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "loss", b"loss", "losses", b"losses", "positions", b"positions", "positions_counted", b"positions_counted", "weight_sum", b"weight_sum"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "hessian", b"hessian", "loss", b"loss", "losses", b"losses", "positions", b"positions", "positions_counted", b"positions_counted", "weight_sum", b"weight_sum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -867,6 +941,7 @@ class ServerFeatures(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     STREAMING_FIELD_NUMBER: _builtins.int
     KSERVE_FIELD_NUMBER: _builtins.int
+    HESSIAN_FIELD_NUMBER: _builtins.int
     reflection: _builtins.bool
     """gRPC server reflection is served."""
     tls: _builtins.bool
@@ -883,6 +958,8 @@ class ServerFeatures(_message.Message):
     """The Open Inference Protocol (KServe v2) API, inference.GRPCInferenceService,
     is served on the same port: each loss is a model.
     """
+    hessian: _builtins.bool
+    """ComputeGradient returns diagonal Hessians on request (ComputeGradientRequest.hessian)."""
     def __init__(
         self,
         *,
@@ -893,10 +970,11 @@ class ServerFeatures(_message.Message):
         metrics: _builtins.bool = ...,
         streaming: _builtins.bool = ...,
         kserve: _builtins.bool = ...,
+        hessian: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1047,6 +1125,8 @@ class LossInfo(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     CLASS_AXIS_LAST_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    HESSIAN_MODES_FIELD_NUMBER: _builtins.int
+    HESSIAN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Canonical name, e.g. "huber"."""
     description: _builtins.str
@@ -1057,6 +1137,10 @@ class LossInfo(_message.Message):
     """
     reference: _builtins.str
     """The library whose definition this loss matches, e.g. "PyTorch HuberLoss"."""
+    hessian: _builtins.str
+    """What the exact diagonal Hessian is for this loss, in words (its formula, its
+    value at kinks and where clamps are active).
+    """
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other names accepted in requests, e.g. "l1" for "mae"."""
@@ -1073,6 +1157,10 @@ class LossInfo(_message.Message):
     def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParamInfo]:
         """The parameters this loss accepts."""
 
+    @_builtins.property
+    def hessian_modes(self) -> _containers.RepeatedScalarFieldContainer[Global___HessianMode.ValueType]:
+        """The Hessian modes ComputeGradient accepts for this loss; empty when none."""
+
     def __init__(
         self,
         *,
@@ -1084,10 +1172,12 @@ class LossInfo(_message.Message):
         params: _abc.Iterable[Global___ParamInfo] | None = ...,
         class_axis_last: _builtins.bool = ...,
         reference: _builtins.str = ...,
+        hessian_modes: _abc.Iterable[Global___HessianMode.ValueType] | None = ...,
+        hessian: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "name", b"name", "params", b"params", "predictions", b"predictions", "reference", b"reference", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "params", b"params", "predictions", b"predictions", "reference", b"reference", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

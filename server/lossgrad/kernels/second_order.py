@@ -1,0 +1,271 @@
+"""Drivers of the Hessian path: loss, gradient and diagonal Hessian in one pass.
+
+They mirror ``drivers.py`` (same blocks, same fixed-order sums, same op numbers, same
+poisoning of invalid inputs) and are separate kernels, so the gradient-only path is
+compiled and runs exactly as before. On top of ``grad`` they write
+``hess = scale * w * clip(d^2 loss / d x^2, lo, hi)``, where ``bounds = [lo, hi]`` is how
+the engine asks for a Hessian mode: exact ``[-inf, inf]``, clipped ``[floor, inf]``,
+constant ``[c, c]``. The per-loss second derivatives sit next to their losses
+(``*_hessian`` in the family modules).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._numerics import BLOCK, In, Out, b1, block_sum, clip, f8, fconst, i8, kernel, poison
+from .classification import (
+    SPARSE_LOGITS,
+    bce,
+    bce_hessian,
+    bce_logits,
+    bce_logits_hessian,
+    cce_logits_row_hessian,
+    cce_probs_row_hessian,
+    hinge,
+    hinge_hessian,
+    sparse_logits_row_hessian,
+    sparse_probs_row_hessian,
+    squared_hinge,
+    squared_hinge_hessian,
+)
+from .divergence import kl_log_row_hessian, kl_probs_row_hessian
+from .drivers import (
+    BCE,
+    CCE_LOGITS,
+    CCE_PROBS,
+    HINGE,
+    HUBER,
+    KL_PROBS,
+    MAE,
+    MSE,
+    PSEUDO_HUBER,
+    SQUARED_HINGE,
+    _combine,
+    loop,
+)
+from .regression import (
+    huber,
+    huber_hessian,
+    mae,
+    mae_hessian,
+    mse,
+    mse_hessian,
+    pseudo_huber,
+    pseudo_huber_hessian,
+)
+
+# --- elementwise ---------------------------------------------------------------------
+
+
+@loop
+def _element_loop(elem, second, x, y, w, lb, out, grad, hess, scale, a, b, lo, hi, strict):  # type: ignore[no-untyped-def]
+    """One block: ``drivers._element_loop`` plus the clipped second derivative."""
+    sc = fconst(x, scale)
+    for j in range(x.size):
+        xj = x[j]
+        yj = y[j]
+        loss, g = elem(xj, yj, a, b)
+        bad = poison(xj) + poison(yj)
+        lb[j] = loss + (bad if strict else fconst(xj, 0.0))
+        grad[j] = sc * g
+        hess[j] = sc * clip(second(xj, yj, a, b), lo, hi)
+    if w.size:
+        for j in range(x.size):
+            wj = fconst(x, w[j])
+            lb[j] *= wj
+            grad[j] *= wj
+            hess[j] *= wj
+    if out.size:
+        for j in range(x.size):
+            out[j] = lb[j]
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, strict):  # type: ignore[no-untyped-def]
+    first = blk * BLOCK
+    last = min(first + BLOCK, x.size)
+    xb, yb = x[first:last], y[first:last]
+    wb = w[first:last] if w.size else w
+    ob = out[first:last] if out.size else out
+    gb, hb = grad[first:last], hess[first:last]
+    lb = np.empty(last - first, dtype=x.dtype)
+    fa, fb = fconst(x, a), fconst(x, b)
+    lo, hi = fconst(x, bounds[0]), fconst(x, bounds[1])
+    if op == MAE:
+        _element_loop(mae, mae_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    elif op == MSE:
+        _element_loop(mse, mse_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    elif op == HUBER:
+        _element_loop(huber, huber_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    elif op == PSEUDO_HUBER:
+        _element_loop(pseudo_huber, pseudo_huber_hessian, xb, yb, wb, lb, ob, gb, hb, scale,
+                      fa, fb, lo, hi, strict)
+    elif op == HINGE:
+        _element_loop(hinge, hinge_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    elif op == SQUARED_HINGE:
+        _element_loop(squared_hinge, squared_hinge_hessian, xb, yb, wb, lb, ob, gb, hb, scale,
+                      fa, fb, lo, hi, strict)
+    elif op == BCE:
+        _element_loop(bce, bce_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    else:
+        _element_loop(bce_logits, bce_logits_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa,
+                      fb, lo, hi, strict)
+    return block_sum(lb)
+
+
+@kernel(lambda F: f8(In(F), In(F), In(f8), Out(F), Out(F), Out(F), f8, i8, f8, f8, In(f8), b1,
+                     b1), parallel=True)
+def elementwise(x, y, w, out, grad, hess, scale, op, a, b, bounds, strict, parallel):  # type: ignore[no-untyped-def]
+    """``drivers.elementwise`` that also writes the Hessian to ``hess``."""
+    nb = (x.size + BLOCK - 1) // BLOCK
+    sums = np.empty(nb)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk] = _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds,
+                                       strict)
+    else:
+        for blk in range(nb):
+            sums[blk] = _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds,
+                                       strict)
+    return _combine(sums)
+
+
+# --- rows against rows (dense targets) -------------------------------------------------
+
+@loop
+def _dense_loop(row, x, t, w, out, grad, hess, scale, a, lo, hi, strict):  # type: ignore[no-untyped-def]
+    c = x.shape[1]
+    has_w = w.size > 0
+    want_out = out.size > 0
+    e = np.empty(c, dtype=x.dtype)
+    h = np.empty(c)
+    acc = 0.0
+    for i in range(x.shape[0]):
+        wi = w[i] if has_w else 1.0
+        loss = wi * row(x[i], t[i], grad[i], hess[i], e, h, scale * wi, a, lo, hi, strict)
+        acc += loss
+        if want_out:
+            out[i] = loss
+    return acc
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict):  # type: ignore[no-untyped-def]
+    per = max(1, BLOCK // x.shape[1])
+    first = blk * per
+    last = min(first + per, x.shape[0])
+    xb, tb = x[first:last], t[first:last]
+    wb = w[first:last] if w.size else w
+    ob = out[first:last] if out.size else out
+    gb, hb = grad[first:last], hess[first:last]
+    lo, hi = bounds[0], bounds[1]
+    if op == CCE_LOGITS:
+        return _dense_loop(cce_logits_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
+                           strict)
+    if op == CCE_PROBS:
+        return _dense_loop(cce_probs_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
+                           strict)
+    if op == KL_PROBS:
+        return _dense_loop(kl_probs_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
+                           strict)
+    return _dense_loop(kl_log_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi, strict)
+
+
+@kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8, f8,
+                     In(f8), b1, b1), parallel=True)
+def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel):  # type: ignore[no-untyped-def]
+    """``drivers.dense_rows`` that also writes the Hessian to ``hess``."""
+    per = max(1, BLOCK // x.shape[1])
+    nb = (x.shape[0] + per - 1) // per
+    sums = np.empty(nb)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds,
+                                     strict)
+    else:
+        for blk in range(nb):
+            sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds,
+                                     strict)
+    return _combine(sums)
+
+
+# --- rows against class indices --------------------------------------------------------
+
+@loop
+def _sparse_loop(row, x, y, s, cw, total_w, out, grad, hess, scale, ignore, smoothing,  # type: ignore[no-untyped-def]
+                 lo, hi, strict):
+    c = x.shape[1]
+    has_s = s.size > 0
+    want_out = out.size > 0
+    e = np.empty(c, dtype=x.dtype)
+    h = np.empty(c)
+    acc = 0.0
+    for i in range(x.shape[0]):
+        yi = y[i]
+        if yi == ignore:
+            if strict:
+                xi = x[i]
+                for k in range(c):  # an ignored row still has to hold valid numbers
+                    e[k] = poison(xi[k])
+                acc += block_sum(e)
+            if want_out:
+                out[i] = 0.0
+            grad[i][:] = 0.0
+            hess[i][:] = 0.0
+            continue
+        si = s[i] if has_s else 1.0
+        loss = si * row(x[i], yi, cw, total_w, grad[i], hess[i], e, h, scale * si, smoothing,
+                        lo, hi, strict)
+        acc += loss
+        if want_out:
+            out[i] = loss
+    return acc
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,  # type: ignore[no-untyped-def]
+                  smoothing, bounds, strict):
+    per = max(1, BLOCK // x.shape[1])
+    first = blk * per
+    last = min(first + per, x.shape[0])
+    xb, yb = x[first:last], y[first:last]
+    sb = s[first:last] if s.size else s
+    ob = out[first:last] if out.size else out
+    gb, hb = grad[first:last], hess[first:last]
+    lo, hi = bounds[0], bounds[1]
+    if op == SPARSE_LOGITS:
+        return _sparse_loop(sparse_logits_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb,
+                            scale, ignore, smoothing, lo, hi, strict)
+    return _sparse_loop(sparse_probs_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb, scale,
+                        ignore, smoothing, lo, hi, strict)
+
+
+@kernel(lambda F: f8(In(F, 2), In(i8), In(f8), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8,
+                     f8, i8, In(f8), b1, b1), parallel=True)
+def sparse_rows(x, y, s, cw, out, grad, hess, scale, ignore, smoothing, op, bounds,  # type: ignore[no-untyped-def]
+                strict, parallel):
+    """``drivers.sparse_rows`` that also writes the Hessian to ``hess``."""
+    total_w = 0.0
+    for k in range(cw.size):
+        total_w += cw[k]
+    if cw.size == 0:
+        total_w = float(x.shape[1])
+    per = max(1, BLOCK // x.shape[1])
+    nb = (x.shape[0] + per - 1) // per
+    sums = np.empty(nb)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
+                                      ignore, smoothing, bounds, strict)
+    else:
+        for blk in range(nb):
+            sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
+                                      ignore, smoothing, bounds, strict)
+    return _combine(sums)
