@@ -124,13 +124,17 @@ def with_hessian(request: ComputeRequest, hessian: str | None, floor: float | No
                 + ", ".join(repr(name) for name in _HESSIAN_MODES),
                 reason="UNKNOWN_HESSIAN_MODE", field="hessian")
         code = found
-    values: dict[str, float] = {}
-    for field, value in (("hessian_floor", floor), ("hessian_constant", constant)):
-        if value is not None:
-            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-                raise _type_error(field, "a number", value)
-            values[field] = float(value)
-    return dataclasses.replace(request, hessian=code, **values)
+    return dataclasses.replace(request, hessian=code,
+                               hessian_floor=_optional_number(floor, "hessian_floor"),
+                               hessian_constant=_optional_number(constant, "hessian_constant"))
+
+
+def _optional_number(value: Any, field: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise _type_error(field, "a number", value)
+    return float(value)
 
 
 def no_hessian_stream(stream: bool | None) -> bool:
