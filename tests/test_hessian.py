@@ -494,3 +494,25 @@ def test_catalog_lists_hessian_modes(client: LossClient, stub):
     assert all(info.hessian for info in infos.values())
     features = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=60).features
     assert features.hessian
+
+
+def test_half_precision_hessian_is_narrowed_once():
+    """float16 predictions: computed in float32 like the gradient, returned as float16."""
+    x, t = make_inputs("binary_cross_entropy", {"from_logits": True}, seed=11)
+    r = compute("binary_cross_entropy", x.astype(np.float16), t.astype(np.float16),
+                from_logits=True, reduction="sum", hessian="exact")
+    assert r.hessian.dtype == np.float16
+    want = position_hessian("binary_cross_entropy", x.astype(np.float16),
+                            t.astype(np.float16).astype(np.float64), {"from_logits": True})
+    np.testing.assert_allclose(r.hessian, want, rtol=2e-3)
+
+
+@pytest_e2e
+def test_a_hessian_call_is_never_streamed(server_address: str):
+    with LossClient(server_address, timeout=60, stream_threshold_bytes=1000) as small:
+        with pytest.raises(ClientInvalidArgument) as info:
+            small.compute_gradient("mse", [1.0], [0.0], hessian="exact", stream=True)
+        assert info.value.field == "hessian"
+        r = small.compute_gradient("mse", np.ones(3000), np.zeros(3000), hessian="exact",
+                                   reduction="sum")  # past the streaming threshold: unary
+        assert r.hessian is not None and np.all(r.hessian == 2.0)

@@ -134,7 +134,7 @@ def elementwise(x, y, w, out, grad, hess, scale, op, a, b, bounds, strict, paral
         for blk in range(nb):
             sums[blk] = _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds,
                                        strict)
-    return _combine(sums)
+    return _combine(sums, 0.0)  # one unary call: the sum starts at 0
 
 
 # --- rows against rows (dense targets) -------------------------------------------------
@@ -193,7 +193,7 @@ def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel)
         for blk in range(nb):
             sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds,
                                      strict)
-    return _combine(sums)
+    return _combine(sums, 0.0)  # one unary call: the sum starts at 0
 
 
 # --- rows against class indices --------------------------------------------------------
@@ -268,4 +268,4 @@ def sparse_rows(x, y, s, cw, out, grad, hess, scale, ignore, smoothing, op, boun
         for blk in range(nb):
             sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
                                       ignore, smoothing, bounds, strict)
-    return _combine(sums)
+    return _combine(sums, 0.0)  # one unary call: the sum starts at 0
