@@ -5,8 +5,10 @@
 Sections: engine (in-process against NumPy, PyTorch and a copy floor), parallel (serial
 against parallel kernels, same bits), e2e (through gRPC against a bare echo server, with
 default and tuned glibc malloc), concurrency (two large requests at once), memory (server
-peak RSS per request size). ``--quick`` uses fewer repetitions and skips the largest
-inputs. Exits 1 if a correctness check failed.
+peak RSS per request size), sidecar (a co-located client through shared memory against
+local PyTorch). ``--quick`` uses fewer repetitions and skips the largest inputs. Exits 1
+if a correctness check failed. With ``--only``, the sections run replace their namesakes
+in an existing RESULTS.md and the others are kept.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -38,7 +41,7 @@ from servers import MALLOC_ENV, child_env
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory")
+SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar")
 CHILD_TIMEOUT_S = 600
 # Before each section, wait at most this long for other processes to leave the CPUs idle.
 QUIET_WAIT_S = {False: 20.0, True: 2.0}  # by --quick
@@ -52,6 +55,7 @@ TITLES = {
     "e2e": "3. End to end through gRPC, against a bare echo server",
     "concurrency": "4. Two large requests at once",
     "memory": "5. Server peak memory per request size",
+    "sidecar": "6. Co-located sidecar: shared memory against local PyTorch",
 }
 
 E2E_NOTE = """\
@@ -174,14 +178,21 @@ def _memory(quick: bool) -> tuple[str, list[str]]:
     return MEMORY_NOTE + "\n" + text, problems
 
 
+def _sidecar(quick: bool) -> tuple[str, list[str]]:
+    import sidecar_bench
+
+    return sidecar_bench.run(quick)
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "engine": _engine,
     "parallel": _parallel,
     "e2e": _e2e,
     "concurrency": _concurrency,
     "memory": _memory,
+    "sidecar": _sidecar,
 }
-NEEDS_SERVICE = {"e2e", "concurrency", "memory"}
+NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar"}
 
 
 def _command() -> str:
@@ -228,6 +239,22 @@ def _header(command: str, started: datetime.datetime, load_start: str, elapsed_s
     return "\n".join(lines) + "\n"
 
 
+def _merged(existing: str, sections: dict[str, str], header: str) -> str:
+    """``existing`` RESULTS.md with the given sections (by title) replaced or added, each
+    preceded by the setup of the run that produced it."""
+    parts = re.split(r"(?m)^(?=## )", existing)
+    blocks = {part.splitlines()[0][3:].strip(): part for part in parts[1:]}
+    setup = header.split("## Setup", 1)[1].strip()
+    for title, text in sections.items():
+        blocks[title] = (f"## {title}\n\n*From a separate run of this section:*\n\n"
+                         f"{setup}\n\n{text.strip()}\n\n")
+    order = [t for t in TITLES.values() if t in blocks]
+    rest = [t for t in blocks if t not in order]
+    return parts[0] + "".join(blocks[t] if blocks[t].endswith("\n\n") else blocks[t] + "\n"
+                              for t in [*[t for t in rest if t == "Setup"], *order,
+                                        *[t for t in rest if t != "Setup"]])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,9 +274,11 @@ def main() -> int:
     sources = source_digest()
     body = ""
     problems: list[str] = []
+    sections: dict[str, str] = {}
     unavailable = _service_available()
     for section in selected:
         body += f"\n## {TITLES[section]}\n\n"
+        start = len(body)
         if section in NEEDS_SERVICE and unavailable:
             body += f"Skipped: {unavailable}. The section runs once they exist.\n"
             continue
@@ -267,6 +296,8 @@ def main() -> int:
         body += (f"*Section took {elapsed:.0f} s; other processes used {100 * other:.0f}% "
                  "of one core meanwhile.*\n\n" + text)
         problems += [f"{section}: {p}" for p in found]
+        sections[TITLES[section]] = body[start:] + "".join(
+            f"\n**Problem**: {p}\n" for p in found)
         print(f"[{section}] {elapsed:.0f} s, other processes {100 * other:.0f}% of a core",
               flush=True)
     if source_digest() != sources:
@@ -278,7 +309,10 @@ def main() -> int:
     busy1, own1 = cpu_seconds()
     header = _header(command, started, load_start, time.monotonic() - t0,
                      max(0.0, (busy1 - busy0) - (own1 - own0)), args.quick)
-    RESULTS.write_text(header + body)
+    if args.only and RESULTS.exists():
+        RESULTS.write_text(_merged(RESULTS.read_text(), sections, header))
+    else:
+        RESULTS.write_text(header + body)
     print(f"wrote {RESULTS.relative_to(REPO)} in {time.monotonic() - t0:.0f} s")
     for p in problems:
         print("PROBLEM:", p, file=sys.stderr)

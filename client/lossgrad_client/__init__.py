@@ -7,12 +7,16 @@
 
 from ._aio import AsyncLossClient
 from ._client import LossClient
+from ._shm import SharedMemoryOptions
 from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
 from .errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     LossgradError,
+    NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
@@ -22,8 +26,10 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyExistsError",
     "AsyncLossClient",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "GradientResult",
     "InputInfo",
     "InternalError",
@@ -32,9 +38,11 @@ __all__ = [
     "LossInfo",
     "LossResult",
     "LossgradError",
+    "NotFoundError",
     "ParamInfo",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "SharedMemoryOptions",
     "UnauthenticatedError",
     "UnavailableError",
 ]

@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 
 from ._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, METHOD_PREFIX, channel_settings
-from ._client import CLIENT_ARGUMENTS_DOC
+from ._client import CLIENT_ARGUMENTS_DOC, SHARED_MEMORY_DOC
 from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._requests import (
     LIST_LOSSES_REQUEST,
@@ -25,6 +25,15 @@ from ._requests import (
     loss_result,
     no_hessian_stream,
     with_hessian,
+)
+from ._shm import (
+    Placement,
+    Segment,
+    SharedMemoryOptions,
+    check_gradient_out,
+    register_request,
+    transport,
+    unregister_request,
 )
 from ._stream import (
     DEFAULT_CHUNK_BYTES,
@@ -36,7 +45,10 @@ from ._stream import (
 )
 from ._types import GradientResult, LossInfo, LossResult
 from ._wire import ComputeRequest, serialize_request, serialize_stream_request
-from .errors import from_rpc_error
+from .errors import LossgradError, NotFoundError, from_rpc_error
+
+_NOT_REGISTERED = "SHARED_MEMORY_REGION_NOT_FOUND"
+_UNREGISTER_TIMEOUT_S = 5.0
 
 _Client = TypeVar("_Client", bound="AsyncLossClient")
 
@@ -67,7 +79,9 @@ class AsyncLossClient:
         options: Sequence[tuple[str, Any]] | None = None,
         stream_threshold_bytes: int | None = None,
         stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        shared_memory: bool | SharedMemoryOptions = False,
     ) -> None:
+        self._shm = transport(shared_memory)
         settings = channel_settings(
             target, max_message_bytes=max_message_bytes, retries=retries,
             load_balancing=load_balancing, options=options, credentials=credentials,
@@ -95,6 +109,16 @@ class AsyncLossClient:
             METHOD_PREFIX + "ListLosses",
             request_serializer=pb.ListLossesRequest.SerializeToString,
             response_deserializer=pb.ListLossesResponse.FromString, _registered_method=True)
+        self._register = self._channel.unary_unary(
+            METHOD_PREFIX + "RegisterSharedMemoryRegion",
+            request_serializer=pb.RegisterSharedMemoryRegionRequest.SerializeToString,
+            response_deserializer=pb.RegisterSharedMemoryRegionResponse.FromString,
+            _registered_method=True)
+        self._unregister = self._channel.unary_unary(
+            METHOD_PREFIX + "UnregisterSharedMemoryRegion",
+            request_serializer=pb.UnregisterSharedMemoryRegionRequest.SerializeToString,
+            response_deserializer=pb.UnregisterSharedMemoryRegionResponse.FromString,
+            _registered_method=True)
 
     async def __aenter__(self: _Client) -> _Client:
         return self
@@ -111,8 +135,20 @@ class AsyncLossClient:
         return f"{type(self).__name__}({self._settings.target!r})"
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel; calls in flight are cancelled. With shared memory, the
+        client's regions are unregistered and removed first."""
+        if self._shm is not None:
+            await self._unregister_all(self._shm.close())
         await self._channel.close()
+
+    def shared_array(self, shape: int | tuple[int, ...], dtype: Any = "float32") -> Any:
+        """Return a new zeroed array in shared memory, for calls without copies (not a
+        coroutine: it is registered with the server at its first use)."""
+        if self._shm is None:
+            raise LossgradError("shared_array needs a client made with shared_memory=True")
+        return self._shm.shared_array(shape, dtype)
+
+    shared_array.__doc__ = (shared_array.__doc__ or "") + SHARED_MEMORY_DOC
 
     async def compute_loss(
         self,
@@ -131,6 +167,14 @@ class AsyncLossClient:
         """Compute a loss on the server; see :meth:`LossClient.compute_loss`."""
         request = compute_request(loss, predictions, targets, reduction, sample_weight,
                                   allow_nonfinite, params)
+        if self._shm is not None and not stream:
+            placement = self._shm.prepare(request, gradient=False, gradient_out=None)
+            if placement is not None:
+                try:
+                    data = await self._call_placed(self._compute_loss, placement, timeout)
+                    return loss_result(data, request, placement.read)
+                finally:
+                    await self._finish(placement)
         if self._streams(request, stream):
             plan = await self._stream(request, False, timeout, None, progress)
             return plan.loss_result()
@@ -159,6 +203,15 @@ class AsyncLossClient:
         request = with_hessian(
             compute_request(loss, predictions, targets, reduction, sample_weight,
                             allow_nonfinite, params), hessian, hessian_floor, hessian_constant)
+        if self._shm is not None and not stream:
+            placement = self._shm.prepare(
+                request, gradient=True, gradient_out=check_gradient_out(out, request.predictions))
+            if placement is not None:
+                try:
+                    data = await self._call_placed(self._compute_gradient, placement, timeout)
+                    return gradient_result(data, request, placement.read)
+                finally:
+                    await self._finish(placement)
         if self._streams(request, stream):
             plan = await self._stream(request, True, timeout, out, progress)
             return plan.gradient_result()
@@ -207,6 +260,36 @@ class AsyncLossClient:
             if writer is not None and not writer.done():
                 writer.cancel()
         return plan
+
+    async def _call_placed(self, method: grpc.aio.UnaryUnaryMultiCallable,
+                           placement: Placement, timeout: float | None) -> Any:
+        """See :meth:`LossClient._call_placed`."""
+        for attempt in (0, 1):
+            for segment in [s for s in placement.used if not s.registered]:
+                await self._call(self._register, register_request(segment), timeout)
+                segment.registered = True
+            try:
+                return await self._call(method, placement.request, timeout)
+            except NotFoundError as err:
+                if err.reason != _NOT_REGISTERED or attempt or self._shm is None:
+                    raise
+                self._shm.forget_registrations()
+        raise AssertionError("unreachable")
+
+    async def _finish(self, placement: Placement) -> None:
+        assert self._shm is not None
+        self._shm.release(placement)
+        await self._unregister_all(placement.retired)
+
+    async def _unregister_all(self, segments: list[Segment]) -> None:
+        for segment in segments:
+            if segment.registered:
+                try:
+                    await self._call(self._unregister, unregister_request(segment),
+                                     _UNREGISTER_TIMEOUT_S)
+                except LossgradError:
+                    pass  # unreachable or restarted: it has no such region anyway
+            segment.destroy()
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, request: Any,
                     timeout: float | None) -> Any:

@@ -25,6 +25,15 @@ from ._requests import (
     no_hessian_stream,
     with_hessian,
 )
+from ._shm import (
+    Placement,
+    Segment,
+    SharedMemoryOptions,
+    check_gradient_out,
+    register_request,
+    transport,
+    unregister_request,
+)
 from ._stream import (
     DEFAULT_CHUNK_BYTES,
     Progress,
@@ -35,7 +44,7 @@ from ._stream import (
 )
 from ._types import GradientResult, LossInfo, LossResult
 from ._wire import ComputeRequest, StreamRequest, serialize_request, serialize_stream_request
-from .errors import from_rpc_error
+from .errors import LossgradError, NotFoundError, from_rpc_error
 
 _Client = TypeVar("_Client", bound="LossClient")
 
@@ -55,8 +64,23 @@ CLIENT_ARGUMENTS_DOC = """
     (they override the ones these arguments set). Requests whose tensors exceed
     ``stream_threshold_bytes`` (default: half of ``max_message_bytes``) go by the
     ComputeStream RPC in chunks of ``stream_chunk_bytes`` (at most half of
-    ``max_message_bytes``), with the same results.
+    ``max_message_bytes``), with the same results. ``shared_memory`` (True, or
+    :class:`SharedMemoryOptions`) sends tensors through POSIX shared memory to a server
+    on the same host that has it on (see ``shared_array`` and ``out``).
 """
+
+SHARED_MEMORY_DOC = """
+        ``shape`` and ``dtype`` (float32, float64, int32 or int64) as in ``np.zeros``.
+        Fill it in place and pass it (or a contiguous slice of it) as ``predictions``,
+        ``targets`` or ``sample_weight``: the server reads it where it is, with no copy;
+        pass one of the predictions' shape as ``out`` and the server's kernel
+        writes the gradient into it. It stays valid until the client is closed (after
+        that it is plain memory that can no longer be sent). Needs
+        ``shared_memory``; thread-safe.
+"""
+
+_NOT_REGISTERED = "SHARED_MEMORY_REGION_NOT_FOUND"
+_UNREGISTER_TIMEOUT_S = 5.0
 
 
 class LossClient:
@@ -85,7 +109,9 @@ class LossClient:
         options: Sequence[tuple[str, Any]] | None = None,
         stream_threshold_bytes: int | None = None,
         stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        shared_memory: bool | SharedMemoryOptions = False,
     ) -> None:
+        self._shm = transport(shared_memory)
         settings = channel_settings(
             target, max_message_bytes=max_message_bytes, retries=retries,
             load_balancing=load_balancing, options=options, credentials=credentials,
@@ -116,6 +142,16 @@ class LossClient:
             METHOD_PREFIX + "ListLosses",
             request_serializer=pb.ListLossesRequest.SerializeToString,
             response_deserializer=pb.ListLossesResponse.FromString, _registered_method=True)
+        self._register = self._channel.unary_unary(
+            METHOD_PREFIX + "RegisterSharedMemoryRegion",
+            request_serializer=pb.RegisterSharedMemoryRegionRequest.SerializeToString,
+            response_deserializer=pb.RegisterSharedMemoryRegionResponse.FromString,
+            _registered_method=True)
+        self._unregister = self._channel.unary_unary(
+            METHOD_PREFIX + "UnregisterSharedMemoryRegion",
+            request_serializer=pb.UnregisterSharedMemoryRegionRequest.SerializeToString,
+            response_deserializer=pb.UnregisterSharedMemoryRegionResponse.FromString,
+            _registered_method=True)
 
     def __enter__(self: _Client) -> _Client:
         return self
@@ -132,8 +168,19 @@ class LossClient:
         return f"{type(self).__name__}({self._settings.target!r})"
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel; calls in flight are cancelled. With shared memory, the
+        client's regions are unregistered and removed first."""
+        if self._shm is not None:
+            self._unregister_all(self._shm.close())
         self._channel.close()
+
+    def shared_array(self, shape: int | tuple[int, ...], dtype: Any = "float32") -> Any:
+        """Return a new zeroed array in shared memory, for calls without copies."""
+        if self._shm is None:
+            raise LossgradError("shared_array needs a client made with shared_memory=True")
+        return self._shm.shared_array(shape, dtype)
+
+    shared_array.__doc__ = (shared_array.__doc__ or "") + SHARED_MEMORY_DOC
 
     def compute_loss(
         self,
@@ -167,6 +214,14 @@ class LossClient:
         """
         request = compute_request(loss, predictions, targets, reduction, sample_weight,
                                   allow_nonfinite, params)
+        if self._shm is not None and not stream:
+            placement = self._shm.prepare(request, gradient=False, gradient_out=None)
+            if placement is not None:
+                try:
+                    data = self._call_placed(self._compute_loss, placement, timeout)
+                    return loss_result(data, request, placement.read)
+                finally:
+                    self._finish(placement)
         if self._streams(request, stream):
             return self._stream(request, False, timeout, None, progress).loss_result()
         return loss_result(self._call(self._compute_loss, request, timeout), request)
@@ -194,7 +249,10 @@ class LossClient:
         Takes the arguments of :meth:`compute_loss`. The gradient is of exactly the
         returned value (of the sum of the per-position values for "none") and has the
         predictions' shape and dtype. ``out`` (a writable C-contiguous array of that
-        shape and dtype) receives it instead of a new array, and is returned as it.
+        shape and dtype) receives it instead of a new array, and is returned as it: through
+        shared memory, a :meth:`shared_array` ``out`` is written by the server's kernel
+        itself. Without ``out``, the gradient is a read-only view of the response, or
+        (through shared memory) a new array copied out of the client's region.
 
         ``hessian`` also asks for the diagonal Hessian (``result.hessian``, with the
         gradient's shape, dtype, weights and scale): "exact" (the second derivative;
@@ -207,6 +265,15 @@ class LossClient:
         request = with_hessian(
             compute_request(loss, predictions, targets, reduction, sample_weight,
                             allow_nonfinite, params), hessian, hessian_floor, hessian_constant)
+        if self._shm is not None and not stream:
+            placement = self._shm.prepare(
+                request, gradient=True, gradient_out=check_gradient_out(out, request.predictions))
+            if placement is not None:
+                try:
+                    data = self._call_placed(self._compute_gradient, placement, timeout)
+                    return gradient_result(data, request, placement.read)
+                finally:
+                    self._finish(placement)
         if self._streams(request, stream):
             return self._stream(request, True, timeout, out, progress).gradient_result()
         result = gradient_result(self._call(self._compute_gradient, request, timeout), request)
@@ -251,6 +318,41 @@ class LossClient:
         finally:
             finished.set()
         return plan
+
+    def _call_placed(self, method: grpc.UnaryUnaryMultiCallable, placement: Placement,
+                     timeout: float | None) -> Any:
+        """Send a request that uses shared memory, registering its segments first; once
+        more after registering them again if the server lost them (it restarted)."""
+        for attempt in (0, 1):
+            self._register_all([s for s in placement.used if not s.registered], timeout)
+            try:
+                return self._call(method, placement.request, timeout)
+            except NotFoundError as err:
+                if err.reason != _NOT_REGISTERED or attempt or self._shm is None:
+                    raise
+                self._shm.forget_registrations()
+        raise AssertionError("unreachable")
+
+    def _register_all(self, segments: list[Segment], timeout: float | None) -> None:
+        for segment in segments:
+            self._call(self._register, register_request(segment), timeout)
+            segment.registered = True
+
+    def _finish(self, placement: Placement) -> None:
+        assert self._shm is not None
+        self._shm.release(placement)
+        self._unregister_all(placement.retired)
+
+    def _unregister_all(self, segments: list[Segment]) -> None:
+        """Unregister and remove segments; a server that is gone does not stop that."""
+        for segment in segments:
+            if segment.registered:
+                try:
+                    self._call(self._unregister, unregister_request(segment),
+                               _UNREGISTER_TIMEOUT_S)
+                except LossgradError:
+                    pass  # unreachable or restarted: it has no such region anyway
+            segment.destroy()
 
     def _call(self, method: grpc.UnaryUnaryMultiCallable, request: Any,
               timeout: float | None) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from ._convert import from_tensor, to_tensor
 from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
-from ._wire import ComputeRequest, ComputeResponse, WireError, parse_response
+from ._wire import ComputeRequest, ComputeResponse, Tensor, WireError, parse_response
 from .errors import InternalError, InvalidArgumentError
 
 _REDUCTIONS: dict[str, pb.Reduction.ValueType] = {
@@ -37,26 +37,31 @@ _PARAM_FIELDS: dict[str, FieldDescriptor] = dict(pb.LossParams.DESCRIPTOR.fields
 LIST_LOSSES_REQUEST = pb.ListLossesRequest()
 
 
-def loss_result(data: bytes, request: ComputeRequest) -> LossResult:
-    """Read a ComputeLoss response (its unparsed bytes)."""
+Reader = Callable[[Tensor | None, str], np.ndarray[Any, Any]]
+
+
+def loss_result(data: bytes, request: ComputeRequest, read: Reader = from_tensor) -> LossResult:
+    """Read a ComputeLoss response (its unparsed bytes); ``read`` reads its tensors."""
     response = _parse(data)
     return LossResult(
-        loss=_loss_value(response, request.reduction),
+        loss=_loss_value(response, request.reduction, read),
         positions=response.positions,
         positions_counted=response.positions_counted,
         weight_sum=response.weight_sum,
     )
 
 
-def gradient_result(data: bytes, request: ComputeRequest) -> GradientResult:
-    """Read a ComputeGradient response (its unparsed bytes); the gradient views them."""
+def gradient_result(data: bytes, request: ComputeRequest,
+                    read: Reader = from_tensor) -> GradientResult:
+    """Read a ComputeGradient response (its unparsed bytes); the gradient views them
+    (or is where ``read`` puts it)."""
     response = _parse(data)
     if request.hessian and response.hessian is None:
         raise InternalError("the server returned no hessian; it may predate Hessians "
                             "(GetServerInfo features.hessian)", field="hessian")
     return GradientResult(
-        loss=_loss_value(response, request.reduction),
-        gradient=from_tensor(response.gradient, "gradient"),
+        loss=_loss_value(response, request.reduction, read),
+        gradient=read(response.gradient, "gradient"),
         positions=response.positions,
         positions_counted=response.positions_counted,
         weight_sum=response.weight_sum,
@@ -204,9 +209,10 @@ def _type_error(field: str, expected: str, value: object) -> InvalidArgumentErro
                                 reason="INVALID_ARGUMENT", field=field)
 
 
-def _loss_value(response: ComputeResponse, reduction: int) -> float | np.ndarray[Any, Any]:
+def _loss_value(response: ComputeResponse, reduction: int,
+                read: Reader) -> float | np.ndarray[Any, Any]:
     if reduction == pb.REDUCTION_NONE:
-        return from_tensor(response.losses, "losses")
+        return read(response.losses, "losses")
     return float(response.loss)
 
 

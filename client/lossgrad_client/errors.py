@@ -83,6 +83,25 @@ class PermissionDeniedError(LossgradError, PermissionError):
     default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class NotFoundError(LossgradError, LookupError):
+    """The server has no such thing (e.g. a shared-memory region it was not given, or
+    lost when it restarted)."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(LossgradError):
+    """The name is taken (a shared-memory region registered differently)."""
+
+    default_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPreconditionError(LossgradError):
+    """The server cannot do this in its configuration (e.g. shared memory is off)."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class InternalError(LossgradError):
     """The server failed; its log has the details."""
 
@@ -92,7 +111,8 @@ class InternalError(LossgradError):
 _BY_CODE: dict[grpc.StatusCode, type[LossgradError]] = {
     cls.default_code: cls
     for cls in (InvalidArgumentError, ResourceExhaustedError, DeadlineExceededError,
-                UnavailableError, UnauthenticatedError, PermissionDeniedError, InternalError)
+                UnavailableError, UnauthenticatedError, PermissionDeniedError, InternalError,
+                NotFoundError, AlreadyExistsError, FailedPreconditionError)
 }
 
 

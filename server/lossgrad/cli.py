@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import catalog
+from . import catalog, shm
 from .auth import read_token_file
 from .server import (
     DEFAULT_GRACE_S,
@@ -41,6 +41,11 @@ _ENV_LOG_FORMAT = "LOSSGRAD_LOG_FORMAT"
 _ENV_ACCESS_LOG = "LOSSGRAD_ACCESS_LOG"
 # --access-log choice -> level of the lossgrad.access logger (failed calls log at WARNING)
 _ACCESS_LOG_LEVELS = {"all": logging.INFO, "errors": logging.WARNING, "off": logging.CRITICAL}
+_ENV_SHM = "LOSSGRAD_SHARED_MEMORY"
+_ENV_SHM_DIR = "LOSSGRAD_SHARED_MEMORY_DIR"
+_ENV_SHM_PREFIX = "LOSSGRAD_SHARED_MEMORY_KEY_PREFIX"
+_ENV_SHM_MAX_REGIONS = "LOSSGRAD_SHARED_MEMORY_MAX_REGIONS"
+_ENV_SHM_MAX_BYTES = "LOSSGRAD_SHARED_MEMORY_MAX_BYTES"
 _TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -53,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.reflection = _env_bool(parser, _ENV_REFLECTION, True)
         if args.kserve is None:
             args.kserve = _env_bool(parser, _ENV_KSERVE, True)
+        if args.shared_memory is None:
+            args.shared_memory = _env_bool(parser, _ENV_SHM, False)
         return _serve(args)
     if args.command == "losses":
         sys.stdout.write(format_catalog(catalog.LOSSES))
@@ -137,12 +144,43 @@ def _parser() -> argparse.ArgumentParser:
                        default=env(_ENV_ACCESS_LOG, "errors"),
                        help="which calls get an access log line: every call, failed calls "
                             f"only, or none (env {_ENV_ACCESS_LOG}; default %(default)s)")
+    _shared_memory_options(serve)
     commands.add_parser("losses", help="print the loss catalog")
     commands.add_parser(
         "compile", help="compile every kernel into numba's cache and warm it",
         description="Compile every kernel into numba's cache (NUMBA_CACHE_DIR moves it), so "
                     "that servers started later are ready in about a second.")
     return parser
+
+
+def _shared_memory_options(serve: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    serve.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
+                       help="accept tensors and write outputs in registered POSIX shared "
+                            "memory (a client on the same host, e.g. a sidecar's worker) "
+                            f"(env {_ENV_SHM}=0/1; default off)")
+    serve.add_argument("--shared-memory-dir", default=env(_ENV_SHM_DIR, shm.DEFAULT_DIRECTORY),
+                       help="directory whose files are the shared-memory keys (env "
+                            f"{_ENV_SHM_DIR}; default %(default)s)")
+    serve.add_argument("--shared-memory-key-prefix",
+                       default=env(_ENV_SHM_PREFIX, shm.DEFAULT_KEY_PREFIX),
+                       help="only keys starting with this may be opened (env "
+                            f"{_ENV_SHM_PREFIX}; default %(default)s)")
+    serve.add_argument("--shared-memory-max-regions", type=_positive_int,
+                       default=env(_ENV_SHM_MAX_REGIONS, str(shm.DEFAULT_MAX_REGIONS)),
+                       help="most regions registered at once (env "
+                            f"{_ENV_SHM_MAX_REGIONS}; default %(default)s)")
+    serve.add_argument("--shared-memory-max-bytes", type=_positive_int,
+                       default=env(_ENV_SHM_MAX_BYTES, str(shm.DEFAULT_MAX_BYTES)),
+                       help="most bytes of regions registered at once (env "
+                            f"{_ENV_SHM_MAX_BYTES}; default %(default)s)")
+
+
+def _shared_memory(args: argparse.Namespace) -> shm.SharedMemoryConfig | None:
+    if not args.shared_memory:
+        return None
+    return shm.SharedMemoryConfig(args.shared_memory_dir, args.shared_memory_key_prefix,
+                                  args.shared_memory_max_regions, args.shared_memory_max_bytes)
 
 
 def _compile() -> int:
@@ -215,6 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         tls = _tls(args)
         token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+        shared_memory = _shared_memory(args)
     except (OSError, ValueError) as err:
         print(f"lossgrad: {err}", file=sys.stderr)
         return 1
@@ -235,7 +274,8 @@ def _serve(args: argparse.Namespace) -> int:
               max_connection_age_s=args.max_connection_age_seconds or None,
               health_port=args.health_port or None, reflection=args.reflection,
               metrics_port=args.metrics_port or None, kserve_api=args.kserve,
-              tls=tls, auth_token=token, grace=args.grace, on_ready=ready)
+              tls=tls, auth_token=token, grace=args.grace, on_ready=ready,
+              shared_memory=shared_memory)
     except OSError as err:
         print(f"lossgrad: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ The kernel reads each input once and writes the gradient once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,12 @@ import numpy as np
 
 from . import catalog
 from .catalog import HessianMode, Layout, LossSpec
-from .errors import INVALID_LABELS, InvalidArgumentError
+from .errors import (
+    INVALID_LABELS,
+    SHARED_MEMORY_MISALIGNED,
+    SHARED_MEMORY_OUT_OF_RANGE,
+    InvalidArgumentError,
+)
 from .kernels import _numerics as nm
 from .kernels import drivers, second_order
 from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
@@ -66,6 +72,8 @@ def compute(
     hessian_floor: float | None = None,
     hessian_constant: float | None = None,
     allow_nonfinite: bool = False,
+    gradient_out: np.ndarray | None = None,
+    losses_out: np.ndarray | None = None,
     **params: Any,
 ) -> Result:
     """Compute a loss (and by default its gradient w.r.t. the predictions).
@@ -76,6 +84,12 @@ def compute(
     diagonal Hessian, with the gradient: ``hessian_floor`` (clipped, default 1e-16) and
     ``hessian_constant`` (constant, default 1) set its bounds. Raises
     ``InvalidArgumentError`` naming the field and the reason for bad input.
+
+    ``gradient_out`` and ``losses_out`` are optional writable byte buffers (1-D uint8,
+    aligned for the predictions' dtype; shared memory in the service) that receive the
+    gradient and the REDUCTION_NONE per-position losses instead of new arrays: the
+    kernel writes there directly, and the result's arrays view their first bytes. Errors
+    about them name the request fields ``gradient_output`` and ``losses_output``.
     """
     nm.compile_kernels()  # once: the first call compiles every kernel
     batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
@@ -84,6 +98,20 @@ def compute(
     if batch.hessian is not None and not gradient:
         raise InvalidArgumentError("hessian", "a Hessian comes with the gradient "
                                    "(ComputeGradient), not with the loss alone")
+    if losses_out is not None and batch.reduction is not Reduction.NONE:
+        raise InvalidArgumentError("losses_output",
+                                   "per-position losses exist only with REDUCTION_NONE")
+    if not gradient:
+        gradient_out = None
+    if batch.out_dtype is not None and (gradient_out is not None or losses_out is not None):
+        # half types: computed in float32 and rounded once afterwards, then copied
+        return _copied_out(_RUNNERS[batch.spec.name](batch, gradient), gradient_out,
+                           losses_out)
+    if gradient_out is not None:
+        batch.gradient_out = _output(gradient_out, batch.x, "gradient_output")
+    if losses_out is not None:
+        batch.losses_out = _output(losses_out, np.empty(batch.x.shape[0], batch.x.dtype),
+                                   "losses_output")
     return _RUNNERS[batch.spec.name](batch, gradient)
 
 
@@ -91,6 +119,35 @@ def run(batch: Batch, gradient: bool) -> Result:
     """Run a prepared batch (a stream's piece: ``batch.start`` and ``batch.weight_sum``
     set by the stream)."""
     return _RUNNERS[batch.spec.name](batch, gradient)
+
+
+def _copied_out(result: Result, gradient_out: np.ndarray | None,
+                losses_out: np.ndarray | None) -> Result:
+    """``result`` with its arrays copied into the caller's buffers."""
+    gradient, loss = result.gradient, result.loss
+    if gradient_out is not None and gradient is not None:
+        target = _output(gradient_out, gradient, "gradient_output")
+        np.copyto(target, gradient)
+        gradient = target
+    if losses_out is not None and isinstance(loss, np.ndarray):
+        target = _output(losses_out, loss, "losses_output")
+        np.copyto(target, loss)
+        loss = target
+    return dataclasses.replace(result, loss=loss, gradient=gradient)
+
+
+def _output(buffer: np.ndarray, like: np.ndarray, field: str) -> np.ndarray:
+    """The first ``like.nbytes`` of a byte buffer, as an array shaped and typed like ``like``."""
+    if buffer.nbytes < like.nbytes:
+        raise InvalidArgumentError(
+            f"{field}.byte_size", f"{buffer.nbytes} bytes; the output needs {like.nbytes}",
+            SHARED_MEMORY_OUT_OF_RANGE)
+    out = buffer.reshape(-1).view(np.uint8)[:like.nbytes].view(like.dtype).reshape(like.shape)
+    if not (out.flags.writeable and out.flags.c_contiguous and out.flags.aligned):
+        raise InvalidArgumentError(
+            field, f"not a writable buffer aligned to {like.dtype.itemsize} bytes",
+            SHARED_MEMORY_MISALIGNED)
+    return out
 
 
 def warmup() -> None:
@@ -115,9 +172,16 @@ def _scale(batch: Batch) -> float:
 
 
 def _buffers(batch: Batch, want_grad: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The outputs, each allocated once: per-position losses (NONE) and the gradient."""
-    out = np.empty(batch.x.shape[0] if batch.reduction is Reduction.NONE else 0, batch.x.dtype)
-    if want_grad:
+    """The outputs, each allocated once (or the caller's): per-position losses (NONE) and
+    the gradient."""
+    if batch.reduction is Reduction.NONE and batch.losses_out is not None:
+        out = batch.losses_out
+    else:
+        out = np.empty(batch.x.shape[0] if batch.reduction is Reduction.NONE else 0,
+                       batch.x.dtype)
+    if want_grad and batch.gradient_out is not None:
+        grad = batch.gradient_out
+    elif want_grad:
         grad = np.empty(batch.x.shape, batch.x.dtype)
     else:
         grad = np.empty((0,) + batch.x.shape[1:], batch.x.dtype)

@@ -40,9 +40,21 @@ class DeadlineExceededError(LossgradError):
 
 class NotFoundError(LossgradError):
     """The request names something the server does not have (a model of the Open
-    Inference Protocol API)."""
+    Inference Protocol API, a shared-memory region)."""
 
     reason = "NOT_FOUND"
+
+
+class AlreadyExistsError(LossgradError):
+    """The request would replace something that exists (a region of the same name)."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPreconditionError(LossgradError):
+    """The server is not in a state to do this (shared memory is off, a region shrank)."""
+
+    reason = "FAILED_PRECONDITION"
 
 
 # Stable reasons carried by ResourceExhaustedError.
@@ -74,3 +86,19 @@ TOO_MANY_CHUNKS = "TOO_MANY_CHUNKS"
 NOT_STREAMABLE = "NOT_STREAMABLE"
 UNKNOWN_HESSIAN_MODE = "UNKNOWN_HESSIAN_MODE"
 HESSIAN_NOT_SUPPORTED = "HESSIAN_NOT_SUPPORTED"
+
+# Stable reasons of the shared-memory transport (any of the classes above).
+SHARED_MEMORY_DISABLED = "SHARED_MEMORY_DISABLED"
+SHARED_MEMORY_INVALID_NAME = "SHARED_MEMORY_INVALID_NAME"
+SHARED_MEMORY_INVALID_KEY = "SHARED_MEMORY_INVALID_KEY"
+SHARED_MEMORY_KEY_NOT_FOUND = "SHARED_MEMORY_KEY_NOT_FOUND"
+SHARED_MEMORY_REGION_NOT_FOUND = "SHARED_MEMORY_REGION_NOT_FOUND"
+SHARED_MEMORY_REGION_EXISTS = "SHARED_MEMORY_REGION_EXISTS"
+SHARED_MEMORY_OUT_OF_RANGE = "SHARED_MEMORY_OUT_OF_RANGE"
+SHARED_MEMORY_MISALIGNED = "SHARED_MEMORY_MISALIGNED"
+SHARED_MEMORY_OVERLAP = "SHARED_MEMORY_OVERLAP"
+SHARED_MEMORY_READ_ONLY = "SHARED_MEMORY_READ_ONLY"
+SHARED_MEMORY_CHANGED = "SHARED_MEMORY_CHANGED"
+DATA_AND_SHARED_MEMORY = "DATA_AND_SHARED_MEMORY"
+TOO_MANY_SHARED_MEMORY_REGIONS = "TOO_MANY_SHARED_MEMORY_REGIONS"
+TOO_MANY_SHARED_MEMORY_BYTES = "TOO_MANY_SHARED_MEMORY_BYTES"

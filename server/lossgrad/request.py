@@ -72,6 +72,9 @@ class Batch:
     out_dtype: np.dtype[Any] | None = None  # a half type the outputs go back to, if any
     start: float = 0.0  # the sum of w * loss over the positions before these (a stream's)
     hessian: HessianRequest | None = None  # set by the engine when a Hessian is wanted
+    # Caller-provided outputs (shared memory): written instead of new arrays.
+    gradient_out: np.ndarray | None = None  # like x
+    losses_out: np.ndarray | None = None  # (positions,)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from .service import (
     LossService,
     method_handlers,
 )
+from .shm import SharedMemoryConfig, SharedMemoryRegistry
 from .telemetry import Telemetry
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -117,7 +118,8 @@ class LossServer:
 
     def __init__(self, server: grpc.Server, health: HealthServicer, telemetry: Telemetry,
                  health_server: grpc.Server | None, health_port: int | None,
-                 metrics_server: WSGIServer | None) -> None:
+                 metrics_server: WSGIServer | None,
+                 shared_memory: SharedMemoryRegistry | None = None) -> None:
         self.grpc_server = server
         self.health = health
         self.telemetry = telemetry
@@ -125,6 +127,7 @@ class LossServer:
         self.metrics_port = None if metrics_server is None else metrics_server.server_port
         self._health_server = health_server
         self._metrics_server = metrics_server
+        self.shared_memory = shared_memory
 
     def stop(self, grace: float | None) -> threading.Event:
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -133,6 +136,8 @@ class LossServer:
 
         def finish() -> None:
             stopped.wait()
+            if self.shared_memory is not None:  # no call is left: unmap every region
+                self.shared_memory.close()
             if self._health_server is not None:  # probes see NOT_SERVING until the end
                 self._health_server.stop(0).wait()
             if self._metrics_server is not None:
@@ -165,6 +170,7 @@ def create_server(
     auth_token: str | None = None,
     warm: bool = True,
     kserve_api: bool = True,
+    shared_memory: SharedMemoryConfig | None = None,
 ) -> tuple[LossServer, int]:
     """Start a LossService server on ``host:port`` and return it with the bound port.
 
@@ -177,6 +183,8 @@ def create_server(
     limits mean no limit; ``max_connection_age_s=None`` keeps connections open. The
     caller stops the server with ``server.stop(grace)``. ``kserve_api`` also serves the
     Open Inference Protocol (``inference.GRPCInferenceService``) on the same port.
+    ``shared_memory`` turns on the shared-memory transport (:mod:`lossgrad.shm`) with its
+    directory and limits.
     """
     for name, value in (("port", port), ("health_port", health_port),
                         ("metrics_port", metrics_port)):
@@ -198,6 +206,7 @@ def create_server(
     health.set("", health_pb2.HealthCheckResponse.SERVING)
     health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     telemetry = Telemetry()
+    registry = None if shared_memory is None else SharedMemoryRegistry(shared_memory)
     health_server, health_bound, metrics_server = None, None, None
     if health_port is not None:
         health_server = grpc.server(
@@ -214,19 +223,23 @@ def create_server(
                                    max_elements=max_elements or 0,
                                    max_concurrent_rpcs=max_concurrent_rpcs or 0,
                                    max_stream_elements=max_stream_elements or 0,
-                                   max_stream_chunks=max_stream_chunks),
+                                   max_stream_chunks=max_stream_chunks,
+                                   max_shared_memory_regions=shared_memory.max_regions
+                                   if shared_memory else 0,
+                                   max_shared_memory_bytes=shared_memory.max_bytes
+                                   if shared_memory else 0),
             features=pb.ServerFeatures(
                 reflection=reflection, tls=tls is not None,
                 mutual_tls=tls is not None and tls.client_ca is not None,
                 auth=auth_token is not None, metrics=metrics_port is not None,
                 kserve=kserve_api, streaming=True,
-                hessian=True),
+                hessian=True, shared_memory=shared_memory is not None),
             telemetry=telemetry)
         server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
                         max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,
                         max_connection_age_s=max_connection_age_s, reflection=reflection,
                         health=health, telemetry=telemetry, server_info=info,
-                        auth_token=auth_token, kserve_api=kserve_api)
+                        auth_token=auth_token, kserve_api=kserve_api, shared_memory=registry)
         bound = _bind(server, host, port, tls)
         if metrics_port is not None:
             try:
@@ -245,13 +258,14 @@ def create_server(
         raise
     health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return LossServer(server, health, telemetry, health_server, health_bound,
-                      metrics_server), bound
+                      metrics_server, registry), bound
 
 
 def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None,
            max_concurrent_rpcs: int | None, max_connection_age_s: float | None,
            reflection: bool, health: HealthServicer, telemetry: Telemetry,
-           server_info: ServerInfo, auth_token: str | None, kserve_api: bool) -> grpc.Server:
+           server_info: ServerInfo, auth_token: str | None, kserve_api: bool,
+           shared_memory: SharedMemoryRegistry | None = None) -> grpc.Server:
     options: list[tuple[str, int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -280,7 +294,8 @@ def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None
         for name, handler in method_handlers(
             LossService(max_elements=max_elements, server_info=server_info,
                         max_stream_elements=server_info.limits.max_stream_elements or None,
-                        max_stream_chunks=server_info.limits.max_stream_chunks)).items()
+                        max_stream_chunks=server_info.limits.max_stream_chunks,
+                        shared_memory=shared_memory)).items()
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

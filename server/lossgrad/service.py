@@ -18,14 +18,16 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from lossgrad_client._wire import (
     ComputeRequest,
     ComputeResponse,
+    SharedMemoryLocation,
     StreamRequest,
     StreamResponse,
+    Tensor,
     WireError,
     serialize_response,
     serialize_stream_response,
 )
 
-from . import catalog, engine, stream, wire
+from . import catalog, engine, shm, stream, wire
 from .errors import MISSING_FIELD, DeadlineExceededError, InvalidArgumentError
 from .status import abort
 
@@ -49,12 +51,14 @@ class LossService:
     def __init__(self, *, max_elements: int | None = None,
                  max_stream_elements: int | None = None,
                  max_stream_chunks: int = DEFAULT_MAX_STREAM_CHUNKS,
-                 server_info: Callable[[], pb.GetServerInfoResponse] | None = None) -> None:
+                 server_info: Callable[[], pb.GetServerInfoResponse] | None = None,
+                 shared_memory: shm.SharedMemoryRegistry | None = None) -> None:
         self._catalog = list_losses_response(catalog.LOSSES)
         self._max_elements = max_elements
         self._max_stream_elements = max_stream_elements
         self._max_stream_chunks = max_stream_chunks
         self._server_info = server_info or pb.GetServerInfoResponse
+        self._shared_memory = shared_memory  # None: off
 
     def ComputeLoss(
         self, request: ComputeRequest | WireError, context: grpc.ServicerContext
@@ -78,7 +82,13 @@ class LossService:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:  # the caller has stopped waiting
             raise DeadlineExceededError("", "the deadline passed before the call was computed")
-        return _compute(request, gradient=gradient)
+        field = shm.first_use(request, gradient)
+        if field is None:
+            return _compute(request, gradient=gradient)
+        if self._shared_memory is None:
+            raise shm.disabled(field)
+        with self._shared_memory.call() as scope:
+            return _compute(request, gradient=gradient, scope=scope)
 
     def ComputeStream(
         self, requests: Iterator[StreamRequest | WireError], context: grpc.ServicerContext
@@ -105,6 +115,42 @@ class LossService:
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetServerInfoResponse:
         return self._server_info()
+
+    def RegisterSharedMemoryRegion(
+        self, request: pb.RegisterSharedMemoryRegionRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterSharedMemoryRegionResponse:
+        try:
+            self._registry().register(request.name, request.key, request.offset,
+                                      request.byte_size)
+        except Exception as err:
+            abort(context, err, "RegisterSharedMemoryRegion")
+        return pb.RegisterSharedMemoryRegionResponse()
+
+    def UnregisterSharedMemoryRegion(
+        self, request: pb.UnregisterSharedMemoryRegionRequest, context: grpc.ServicerContext
+    ) -> pb.UnregisterSharedMemoryRegionResponse:
+        try:
+            self._registry().unregister(request.name)
+        except Exception as err:
+            abort(context, err, "UnregisterSharedMemoryRegion")
+        return pb.UnregisterSharedMemoryRegionResponse()
+
+    def GetSharedMemoryStatus(
+        self, request: pb.GetSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetSharedMemoryStatusResponse:
+        try:
+            regions = self._registry().status(request.name)
+        except Exception as err:
+            abort(context, err, "GetSharedMemoryStatus")
+        return pb.GetSharedMemoryStatusResponse(regions=[
+            pb.SharedMemoryRegionStatus(name=r.name, key=r.key, offset=r.offset,
+                                        byte_size=r.byte_size, writable=r.writable)
+            for r in regions])
+
+    def _registry(self) -> shm.SharedMemoryRegistry:
+        if self._shared_memory is None:
+            raise shm.disabled("")
+        return self._shared_memory
 
 
 def _checked(messages: Iterator[StreamRequest | WireError],
@@ -175,22 +221,45 @@ def method_handlers(service: LossService) -> dict[str, grpc.RpcMethodHandler]:
         "ComputeStream": grpc.stream_stream_rpc_method_handler(
             service.ComputeStream, request_deserializer=wire.deserialize_stream_request,
             response_serializer=serialize_stream_response),
+        **{name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name), request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString)
+           for name, request_type, response_type in _SHARED_MEMORY_METHODS},
     }
 
 
-def _compute(request: ComputeRequest, *, gradient: bool) -> ComputeResponse:
+_SHARED_MEMORY_METHODS: tuple[tuple[str, Any, Any], ...] = (
+    ("RegisterSharedMemoryRegion", pb.RegisterSharedMemoryRegionRequest,
+     pb.RegisterSharedMemoryRegionResponse),
+    ("UnregisterSharedMemoryRegion", pb.UnregisterSharedMemoryRegionRequest,
+     pb.UnregisterSharedMemoryRegionResponse),
+    ("GetSharedMemoryStatus", pb.GetSharedMemoryStatusRequest,
+     pb.GetSharedMemoryStatusResponse),
+)
+
+
+def _compute(request: ComputeRequest, *, gradient: bool,
+             scope: shm.CallScope | None = None) -> ComputeResponse:
     """Run one Compute* request (the two RPCs differ only in ``gradient``; the Hessian
-    fields are ComputeGradientRequest's, unknown fields to ComputeLoss)."""
+    fields are ComputeGradientRequest's, unknown fields to ComputeLoss). With a
+    shared-memory ``scope``, tensors may be read from regions and outputs written there."""
     hessian = wire.hessian_options(request) if gradient else {}
+    decode = wire.decode_tensor if scope is None else scope.decode
+    predictions = wire.decode_required(request.predictions, "predictions", decode)
+    targets = wire.decode_required(request.targets, "targets", decode)
+    reduction = wire.decode_reduction(request.reduction)
+    sample_weight = wire.decode_optional(request.sample_weight, "sample_weight", decode)
+    gradient_out = losses_out = None
+    if scope is not None:
+        itemsize = predictions.dtype.itemsize
+        if gradient and request.gradient_output is not None:
+            gradient_out = scope.output(request.gradient_output, "gradient_output", itemsize)
+        if request.losses_output is not None:
+            losses_out = scope.output(request.losses_output, "losses_output", itemsize)
     result = engine.compute(
-        request.loss,
-        wire.decode_required(request.predictions, "predictions"),
-        wire.decode_required(request.targets, "targets"),
-        reduction=wire.decode_reduction(request.reduction),
-        sample_weight=wire.decode_optional(request.sample_weight, "sample_weight"),
-        gradient=gradient,
-        allow_nonfinite=request.allow_nonfinite,
-        **hessian,
+        request.loss, predictions, targets, reduction=reduction, sample_weight=sample_weight,
+        gradient=gradient, allow_nonfinite=request.allow_nonfinite,
+        gradient_out=gradient_out, losses_out=losses_out, **hessian,
         **wire.decode_params(request.params),
     )
     if gradient and result.gradient is None:
@@ -198,13 +267,21 @@ def _compute(request: ComputeRequest, *, gradient: bool) -> ComputeResponse:
     per_position = isinstance(result.loss, np.ndarray)
     return ComputeResponse(
         loss=0.0 if per_position else float(result.loss),
-        losses=wire.encode_tensor(result.loss) if per_position else None,
+        losses=_tensor(result.loss, request.losses_output) if per_position else None,
         positions=int(result.positions),
         positions_counted=int(result.positions_counted),
         weight_sum=float(result.weight_sum),
-        gradient=wire.encode_tensor(result.gradient) if gradient else None,
+        gradient=_tensor(result.gradient, request.gradient_output) if gradient else None,
         hessian=None if result.hessian is None else wire.encode_tensor(result.hessian),
     )
+
+
+def _tensor(array: Any, location: SharedMemoryLocation | None) -> Tensor:
+    """A response tensor: the array's bytes, or (written in place) where they are."""
+    if location is None:
+        return wire.encode_tensor(array)
+    return Tensor(wire.data_type(array.dtype), array.shape, b"",
+                  SharedMemoryLocation(location.region, location.offset, array.nbytes))
 
 
 def list_losses_response(losses: tuple[catalog.LossSpec, ...]) -> pb.ListLossesResponse:

@@ -25,7 +25,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     LossgradError,
     NotFoundError,
@@ -41,6 +43,8 @@ STATUS_CODES: dict[type[LossgradError], grpc.StatusCode] = {
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 INTERNAL_MESSAGE = "internal error; see the server log"

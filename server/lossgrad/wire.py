@@ -13,6 +13,7 @@ always see aligned arrays.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -114,6 +115,19 @@ def deserialize_stream_request(data: bytes) -> _wire.StreamRequest | _wire.WireE
 
 def decode_tensor(tensor: _wire.Tensor, field: str) -> np.ndarray:
     """Return a read-only array that views ``tensor.data``; validate dtype, shape and size."""
+    data = memoryview(tensor.data)
+    dtype = tensor_layout(tensor, field, data.nbytes, f"{field}.data")
+    array = np.frombuffer(data, dtype=dtype).reshape(tensor.shape)
+    if not array.flags.aligned:
+        array = array.copy()
+        array.flags.writeable = False
+    return array
+
+
+def tensor_layout(tensor: _wire.Tensor, field: str, nbytes: int,
+                  nbytes_field: str) -> np.dtype[Any]:
+    """Validate a tensor's dtype, its shape and its size (``nbytes``, which the field
+    ``nbytes_field`` gives); return its NumPy dtype."""
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
         name = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else None
@@ -131,19 +145,17 @@ def decode_tensor(tensor: _wire.Tensor, field: str) -> np.ndarray:
             f"{field}.shape", f"{len(shape)} dimensions; at most {_MAX_NDIM} are supported")
     # Python ints: a huge declared shape is rejected before anything is allocated.
     expected = math.prod(shape) * dtype.itemsize
-    data = memoryview(tensor.data)
-    if data.nbytes != expected:
+    if nbytes != expected:
         raise InvalidArgumentError(
-            f"{field}.data",
-            f"{data.nbytes} bytes, but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
+            nbytes_field,
+            f"{nbytes} bytes, but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
             f"needs {expected}", BYTE_SIZE_MISMATCH)
     if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_NBYTES:
         raise InvalidArgumentError(f"{field}.shape", f"shape {list(shape)} is too large")
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    if not array.flags.aligned:
-        array = array.copy()
-        array.flags.writeable = False
-    return array
+    return dtype
+
+
+TensorDecoder = Callable[[_wire.Tensor, str], np.ndarray]
 
 
 def check_elements(request: _wire.ComputeRequest, limit: int | None) -> int:
@@ -160,16 +172,19 @@ def check_elements(request: _wire.ComputeRequest, limit: int | None) -> int:
     return int(total)
 
 
-def decode_required(tensor: _wire.Tensor | None, name: str) -> np.ndarray:
-    """Decode the tensor field ``name`` of a request; MISSING_FIELD when it is not set."""
+def decode_required(tensor: _wire.Tensor | None, name: str,
+                    decode: TensorDecoder = decode_tensor) -> np.ndarray:
+    """Decode the tensor field ``name`` of a request; MISSING_FIELD when it is not set.
+    ``decode`` reads the tensor (the shared-memory scope's for requests that use it)."""
     if tensor is None:
         raise InvalidArgumentError(name, "required tensor is not set", MISSING_FIELD)
-    return decode_tensor(tensor, name)
+    return decode(tensor, name)
 
 
-def decode_optional(tensor: _wire.Tensor | None, name: str) -> np.ndarray | None:
+def decode_optional(tensor: _wire.Tensor | None, name: str,
+                    decode: TensorDecoder = decode_tensor) -> np.ndarray | None:
     """Decode the tensor field ``name`` of a request, or return None when it is not set."""
-    return None if tensor is None else decode_tensor(tensor, name)
+    return None if tensor is None else decode(tensor, name)
 
 
 def encode_tensor(array: np.ndarray) -> _wire.Tensor:

@@ -18,6 +18,7 @@ from .messages import (
     Buffer,
     ComputeRequest,
     ComputeResponse,
+    SharedMemoryLocation,
     StreamRequest,
     StreamResponse,
     Tensor,
@@ -33,7 +34,8 @@ _REQUEST_FIELDS = {1: ("loss", "string"), 2: ("predictions", "tensor"),
                    3: ("targets", "tensor"), 4: ("sample_weight", "tensor"),
                    5: ("reduction", "int32"), 6: ("params", "message"),
                    7: ("allow_nonfinite", "bool"), 8: ("hessian", "int32"),
-                   9: ("hessian_floor", "double"), 10: ("hessian_constant", "double")}
+                   9: ("hessian_floor", "double"), 10: ("hessian_constant", "double"),
+                   12: ("gradient_output", "location"), 13: ("losses_output", "location")}
 _RESPONSE_FIELDS = {1: ("loss", "double"), 2: ("losses", "tensor"), 3: ("positions", "int64"),
                     4: ("positions_counted", "int64"), 5: ("weight_sum", "double"),
                     6: ("gradient", "tensor"), 7: ("hessian", "tensor")}
@@ -41,11 +43,14 @@ _STREAM_REQUEST_FIELDS = {1: ("header", "message"), 2: ("predictions", "tensor")
                           3: ("targets", "tensor"), 4: ("sample_weight", "tensor")}
 _STREAM_RESPONSE_FIELDS = {1: ("ready", "message"), 2: ("gradient", "tensor"),
                            3: ("losses", "tensor"), 4: ("summary", "message")}
-_TENSOR_FIELDS = {1: ("dtype", "int32"), 2: ("shape", "shape"), 3: ("data", "bytes")}
+_TENSOR_FIELDS = {1: ("dtype", "int32"), 2: ("shape", "shape"), 3: ("data", "bytes"),
+                  4: ("shared_memory", "location")}
+_LOCATION_FIELDS = {1: ("region", "string"), 2: ("offset", "int64"), 3: ("byte_size", "int64")}
 _TENSOR_NAMES = {path: {number: f"{path}.{name}" for number, (name, _) in _TENSOR_FIELDS.items()}
                  for path in ("predictions", "targets", "sample_weight", "losses", "gradient",
                               "hessian")}
 _WIRE_TYPES = {"string": LEN, "tensor": LEN, "message": LEN, "bytes": LEN, "shape": LEN,
+               "location": LEN,
                "int32": VARINT, "int64": VARINT, "bool": VARINT, "double": I64}
 
 
@@ -137,7 +142,10 @@ def _field(message: Any, name: str) -> Any:
     if not message.HasField(name):
         return None
     if isinstance(value, pb.Tensor):
-        return Tensor(value.dtype, tuple(value.shape), value.data)
+        return Tensor(value.dtype, tuple(value.shape), value.data,
+                      _field(value, "shared_memory"))
+    if isinstance(value, pb.SharedMemoryLocation):
+        return SharedMemoryLocation(value.region, value.offset, value.byte_size)
     return value
 
 
@@ -166,6 +174,9 @@ class _Reader:
             if kind == "tensor":
                 start, pos = self._length(pos, end, name)
                 values[name] = self._tensor(start, pos, name, values.get(name))
+            elif kind == "location":
+                start, pos = self._length(pos, end, name)
+                values[name] = self._location(start, pos, name, values.get(name))
             elif kind == "message":
                 start, pos = self._length(pos, end, name)
                 values.setdefault(name, []).append(view[start:pos])
@@ -188,8 +199,8 @@ class _Reader:
 
     def _tensor(self, pos: int, end: int, path: str, merged: Tensor | None) -> Tensor:
         """Parse a Tensor; a second occurrence of the field merges into the first."""
-        dtype, shape, data = (0, [], b"") if merged is None else (
-            merged.dtype, list(merged.shape), merged.data)
+        dtype, shape, data, location = (0, [], b"", None) if merged is None else (
+            merged.dtype, list(merged.shape), merged.data, merged.shared_memory)
         names = _TENSOR_NAMES[path]
         while pos < end:
             number, wire_type, pos = self._tag(pos, end, path)
@@ -213,11 +224,41 @@ class _Reader:
             if number == 3:
                 data = self.view[start:pos]
                 continue
+            if number == 4:
+                location = self._location(start, pos, name, location)
+                continue
             while start < pos:  # packed shape entries
                 self._step()
                 value, start = self._varint(start, pos, name)
                 shape.append(_convert_varint(value, "int64"))
-        return Tensor(dtype, tuple(shape), data)
+        return Tensor(dtype, tuple(shape), data, location)
+
+    def _location(self, pos: int, end: int, path: str,
+                  merged: SharedMemoryLocation | None) -> SharedMemoryLocation:
+        """Parse a SharedMemoryLocation; a second occurrence merges into the first."""
+        values: dict[str, Any] = {} if merged is None else {
+            "region": merged.region, "offset": merged.offset, "byte_size": merged.byte_size}
+        while pos < end:
+            number, wire_type, pos = self._tag(pos, end, path)
+            spec = _LOCATION_FIELDS.get(number)
+            if spec is None:
+                pos = self._skip(pos, end, wire_type, number, path)
+                continue
+            name = f"{path}.{spec[0]}"
+            if wire_type != _WIRE_TYPES[spec[1]]:
+                raise WireError(name, f"wire type {wire_type}; expected "
+                                      f"{_WIRE_TYPES[spec[1]]} for a {spec[1]} field")
+            if number == 1:
+                start, pos = self._length(pos, end, name)
+                try:
+                    values["region"] = str(self.view[start:pos], "utf-8")
+                except UnicodeDecodeError as err:
+                    raise WireError(name, f"not valid UTF-8: {err.reason} at byte "
+                                          f"{start + err.start}") from None
+            else:
+                value, pos = self._varint(pos, end, name)
+                values[spec[0]] = _convert_varint(value, "int64")
+        return SharedMemoryLocation(**values)
 
     def _step(self) -> None:
         self.steps += 1

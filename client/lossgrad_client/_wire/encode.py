@@ -13,6 +13,7 @@ from .messages import (
     Buffer,
     ComputeRequest,
     ComputeResponse,
+    SharedMemoryLocation,
     StreamRequest,
     StreamResponse,
     Tensor,
@@ -49,6 +50,9 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
         if value is not None:  # ``optional``: written when set, 0.0 included
             tail.append(number << 3 | I64)
             tail += _DOUBLE.pack(value)
+    for number, location in ((12, request.gradient_output), (13, request.losses_output)):
+        if location is not None:
+            _put_bytes(tail, number, _location(location))
     parts.append(tail)
     return b"".join(parts)
 
@@ -131,8 +135,11 @@ def _put_tensor(parts: list[Buffer], offset: int, number: int, tensor: Tensor,
     data_key = bytearray()
     if size:
         _put_varint(data_key, 3 << 3 | LEN, size)
+    location = bytearray()
+    if tensor.shared_memory is not None:
+        _put_bytes(location, 4, _location(tensor.shared_memory))
     key = bytearray((number << 3 | LEN,))
-    fixed = len(dtype) + len(data_key) + size  # the body without the shape
+    fixed = len(dtype) + len(data_key) + size + len(location)  # the body without the shape
     shape = _shape_field(tensor.shape, unpacked=0)
     padding = 0
     itemsize = ITEMSIZES.get(tensor.dtype, 1) if align and size else 1
@@ -155,7 +162,21 @@ def _put_tensor(parts: list[Buffer], offset: int, number: int, tensor: Tensor,
     parts.append(header)
     if size:
         parts.append(data)
-    return offset + len(header) + size
+    if location:
+        parts.append(location)
+    return offset + len(header) + size + len(location)
+
+
+def _location(location: SharedMemoryLocation) -> bytearray:
+    """The body of a SharedMemoryLocation message (proto3: zero fields left out)."""
+    out = bytearray()
+    if location.region:
+        _put_bytes(out, 1, location.region.encode("utf-8"))
+    if location.offset:
+        _put_varint(out, 2 << 3 | VARINT, location.offset)
+    if location.byte_size:
+        _put_varint(out, 3 << 3 | VARINT, location.byte_size)
+    return out
 
 
 def _varint_size(value: int) -> int:

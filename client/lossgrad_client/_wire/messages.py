@@ -73,13 +73,25 @@ class WireError(ValueError):
 
 
 @dataclass(frozen=True)
+class SharedMemoryLocation:
+    """A SharedMemoryLocation message: ``byte_size`` bytes at ``offset`` in the registered
+    shared-memory region called ``region``."""
+
+    region: str = ""
+    offset: int = 0
+    byte_size: int = 0
+
+
+@dataclass(frozen=True)
 class Tensor:
     """A Tensor message: its DataType value, its dimensions and its bytes (little-endian,
-    C order; a view of the message it was parsed from, or of the array it encodes)."""
+    C order; a view of the message it was parsed from, or of the array it encodes).
+    With ``shared_memory`` set, the bytes are there instead and ``data`` is empty."""
 
     dtype: int
     shape: tuple[int, ...]
     data: Buffer
+    shared_memory: SharedMemoryLocation | None = None
 
     @classmethod
     def of(cls, array: npt.NDArray[Any]) -> Tensor:
@@ -109,6 +121,8 @@ class ComputeRequest:
     hessian: int = 0
     hessian_floor: float | None = None
     hessian_constant: float | None = None
+    gradient_output: SharedMemoryLocation | None = None
+    losses_output: SharedMemoryLocation | None = None
 
 
 @dataclass(frozen=True)

@@ -242,13 +242,23 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     dtype: Global___DataType.ValueType
     """Element type."""
     data: _builtins.bytes
-    """prod(shape) * itemsize bytes, little-endian, C order."""
+    """prod(shape) * itemsize bytes, little-endian, C order. Empty when
+    `shared_memory` is set.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Dimensions, outermost first; every entry >= 0. Empty for a scalar."""
+
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedMemoryLocation:
+        """Where the bytes are instead of `data`: a part of a registered shared-memory
+        region whose byte_size is exactly prod(shape) * itemsize and whose offset is a
+        multiple of itemsize. In a response: where the server wrote the tensor.
+        """
 
     def __init__(
         self,
@@ -256,14 +266,45 @@ class Tensor(_message.Message):
         dtype: Global___DataType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
+        shared_memory: Global___SharedMemoryLocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "shape", b"shape", "shared_memory", b"shared_memory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Tensor: _TypeAlias = Tensor  # noqa: Y015
+
+@_typing.final
+class SharedMemoryLocation(_message.Message):
+    """SharedMemoryLocation is a byte range of a registered shared-memory region."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """Name of the region, as registered with RegisterSharedMemoryRegion."""
+    offset: _builtins.int
+    """First byte, counted from the start of the region; >= 0."""
+    byte_size: _builtins.int
+    """Number of bytes; >= 0, and offset + byte_size <= the region's byte_size."""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryLocation: _TypeAlias = SharedMemoryLocation  # noqa: Y015
 
 @_typing.final
 class LossParams(_message.Message):
@@ -363,6 +404,7 @@ class ComputeLossRequest(_message.Message):
     REDUCTION_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     ALLOW_NONFINITE_FIELD_NUMBER: _builtins.int
+    LOSSES_OUTPUT_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """Loss name or alias from ListLosses, e.g. "mse" or "l2"."""
     reduction: Global___Reduction.ValueType
@@ -387,6 +429,13 @@ class ComputeLossRequest(_message.Message):
     def params(self) -> Global___LossParams:
         """Loss parameters."""
 
+    @_builtins.property
+    def losses_output(self) -> Global___SharedMemoryLocation:
+        """REDUCTION_NONE: write the per-position losses into this shared-memory range
+        (byte_size at least their size) instead of the response; `losses` then says
+        where, with no data.
+        """
+
     def __init__(
         self,
         *,
@@ -397,10 +446,11 @@ class ComputeLossRequest(_message.Message):
         reduction: Global___Reduction.ValueType = ...,
         params: Global___LossParams | None = ...,
         allow_nonfinite: _builtins.bool = ...,
+        losses_output: Global___SharedMemoryLocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "loss", b"loss", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +512,8 @@ class ComputeGradientRequest(_message.Message):
     HESSIAN_FIELD_NUMBER: _builtins.int
     HESSIAN_FLOOR_FIELD_NUMBER: _builtins.int
     HESSIAN_CONSTANT_FIELD_NUMBER: _builtins.int
+    GRADIENT_OUTPUT_FIELD_NUMBER: _builtins.int
+    LOSSES_OUTPUT_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """Loss name or alias from ListLosses, e.g. "mse" or "l2"."""
     reduction: Global___Reduction.ValueType
@@ -494,6 +546,19 @@ class ComputeGradientRequest(_message.Message):
     def params(self) -> Global___LossParams:
         """Loss parameters."""
 
+    @_builtins.property
+    def gradient_output(self) -> Global___SharedMemoryLocation:
+        """Write the gradient into this shared-memory range (byte_size at least the
+        gradient's size; it must not overlap an input) instead of the response;
+        `gradient` then says where, with no data.
+        """
+
+    @_builtins.property
+    def losses_output(self) -> Global___SharedMemoryLocation:
+        """REDUCTION_NONE: write the per-position losses into this shared-memory range, as
+        `gradient_output` does for the gradient.
+        """
+
     def __init__(
         self,
         *,
@@ -507,10 +572,12 @@ class ComputeGradientRequest(_message.Message):
         hessian: Global___HessianMode.ValueType = ...,
         hessian_floor: _builtins.float | None = ...,
         hessian_constant: _builtins.float | None = ...,
+        gradient_output: Global___SharedMemoryLocation | None = ...,
+        losses_output: Global___SharedMemoryLocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "gradient_output", b"gradient_output", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "allow_nonfinite", b"allow_nonfinite", "hessian", b"hessian", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "allow_nonfinite", b"allow_nonfinite", "gradient_output", b"gradient_output", "hessian", b"hessian", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "loss", b"loss", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hessian_constant: _TypeAlias = _typing.Literal["hessian_constant"]  # noqa: Y015
     _WhichOneofArgType__hessian_constant: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant"]  # noqa: Y015
@@ -895,6 +962,8 @@ class ServerLimits(_message.Message):
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _builtins.int
     MAX_STREAM_ELEMENTS_FIELD_NUMBER: _builtins.int
     MAX_STREAM_CHUNKS_FIELD_NUMBER: _builtins.int
+    MAX_SHARED_MEMORY_REGIONS_FIELD_NUMBER: _builtins.int
+    MAX_SHARED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request or response message, in bytes; a larger one gets
     RESOURCE_EXHAUSTED.
@@ -911,6 +980,12 @@ class ServerLimits(_message.Message):
     """Most chunk messages (weight pass and data pass together) in one ComputeStream
     call; more get INVALID_ARGUMENT.
     """
+    max_shared_memory_regions: _builtins.int
+    """Most shared-memory regions registered at once; 0 when shared memory is off."""
+    max_shared_memory_bytes: _builtins.int
+    """Most bytes of shared-memory regions registered at once; 0 when shared memory is
+    off.
+    """
     def __init__(
         self,
         *,
@@ -919,10 +994,12 @@ class ServerLimits(_message.Message):
         max_concurrent_rpcs: _builtins.int = ...,
         max_stream_elements: _builtins.int = ...,
         max_stream_chunks: _builtins.int = ...,
+        max_shared_memory_regions: _builtins.int = ...,
+        max_shared_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_rpcs", b"max_concurrent_rpcs", "max_elements", b"max_elements", "max_message_bytes", b"max_message_bytes", "max_stream_chunks", b"max_stream_chunks", "max_stream_elements", b"max_stream_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent_rpcs", b"max_concurrent_rpcs", "max_elements", b"max_elements", "max_message_bytes", b"max_message_bytes", "max_shared_memory_bytes", b"max_shared_memory_bytes", "max_shared_memory_regions", b"max_shared_memory_regions", "max_stream_chunks", b"max_stream_chunks", "max_stream_elements", b"max_stream_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -939,6 +1016,7 @@ class ServerFeatures(_message.Message):
     MUTUAL_TLS_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     STREAMING_FIELD_NUMBER: _builtins.int
     KSERVE_FIELD_NUMBER: _builtins.int
     HESSIAN_FIELD_NUMBER: _builtins.int
@@ -952,6 +1030,10 @@ class ServerFeatures(_message.Message):
     """Calls other than health and reflection need a bearer token."""
     metrics: _builtins.bool
     """Prometheus metrics are served over HTTP."""
+    shared_memory: _builtins.bool
+    """Tensors and outputs may be in registered shared-memory regions (a client on the
+    same host, e.g. a sidecar in the same pod).
+    """
     streaming: _builtins.bool
     """ComputeStream is served."""
     kserve: _builtins.bool
@@ -968,13 +1050,14 @@ class ServerFeatures(_message.Message):
         mutual_tls: _builtins.bool = ...,
         auth: _builtins.bool = ...,
         metrics: _builtins.bool = ...,
+        shared_memory: _builtins.bool = ...,
         streaming: _builtins.bool = ...,
         kserve: _builtins.bool = ...,
         hessian: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "shared_memory", b"shared_memory", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1182,3 +1265,183 @@ class LossInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LossInfo: _TypeAlias = LossInfo  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryRegionRequest(_message.Message):
+    """RegisterSharedMemoryRegionRequest names a byte range of a POSIX shared-memory object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name that tensors use for the region; 1 to 128 characters of [A-Za-z0-9._-]."""
+    key: _builtins.str
+    """Name of the shared-memory object, as given to shm_open: an optional leading "/"
+    and 1 to 255 characters of [A-Za-z0-9._-], starting with the server's key prefix
+    (see the server's --shared-memory-key-prefix). The server opens it in its shared
+    memory directory (/dev/shm by default).
+    """
+    offset: _builtins.int
+    """Where the region starts in the object, in bytes; >= 0."""
+    byte_size: _builtins.int
+    """Size of the region in bytes; > 0, and offset + byte_size <= the object's size."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "key", b"key", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryRegionRequest: _TypeAlias = RegisterSharedMemoryRegionRequest  # noqa: Y015
+
+@_typing.final
+class RegisterSharedMemoryRegionResponse(_message.Message):
+    """RegisterSharedMemoryRegionResponse confirms a registration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterSharedMemoryRegionResponse: _TypeAlias = RegisterSharedMemoryRegionResponse  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryRegionRequest(_message.Message):
+    """UnregisterSharedMemoryRegionRequest names the region to forget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the region; empty for every region."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryRegionRequest: _TypeAlias = UnregisterSharedMemoryRegionRequest  # noqa: Y015
+
+@_typing.final
+class UnregisterSharedMemoryRegionResponse(_message.Message):
+    """UnregisterSharedMemoryRegionResponse confirms an unregistration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnregisterSharedMemoryRegionResponse: _TypeAlias = UnregisterSharedMemoryRegionResponse  # noqa: Y015
+
+@_typing.final
+class GetSharedMemoryStatusRequest(_message.Message):
+    """GetSharedMemoryStatusRequest asks for the registered regions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of one region; empty for every region."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharedMemoryStatusRequest: _TypeAlias = GetSharedMemoryStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetSharedMemoryStatusResponse(_message.Message):
+    """GetSharedMemoryStatusResponse lists registered regions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SharedMemoryRegionStatus]:
+        """The regions, by name."""
+
+    def __init__(
+        self,
+        *,
+        regions: _abc.Iterable[Global___SharedMemoryRegionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["regions", b"regions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharedMemoryStatusResponse: _TypeAlias = GetSharedMemoryStatusResponse  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRegionStatus(_message.Message):
+    """SharedMemoryRegionStatus describes one registered region."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the region."""
+    key: _builtins.str
+    """Name of the shared-memory object."""
+    offset: _builtins.int
+    """Where the region starts in the object, in bytes."""
+    byte_size: _builtins.int
+    """Size of the region in bytes."""
+    writable: _builtins.bool
+    """True when the server may write outputs into it (it opened the object for
+    writing).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        byte_size: _builtins.int = ...,
+        writable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "key", b"key", "name", b"name", "offset", b"offset", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRegionStatus: _TypeAlias = SharedMemoryRegionStatus  # noqa: Y015

@@ -60,6 +60,21 @@ class LossServiceStub:
                 request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamRequest.SerializeToString,
                 response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemoryRegion = channel.unary_unary(
+                '/lossgrad.v1.LossService/RegisterSharedMemoryRegion',
+                request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.RegisterSharedMemoryRegionRequest.SerializeToString,
+                response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.RegisterSharedMemoryRegionResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemoryRegion = channel.unary_unary(
+                '/lossgrad.v1.LossService/UnregisterSharedMemoryRegion',
+                request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.UnregisterSharedMemoryRegionRequest.SerializeToString,
+                response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.UnregisterSharedMemoryRegionResponse.FromString,
+                _registered_method=True)
+        self.GetSharedMemoryStatus = channel.unary_unary(
+                '/lossgrad.v1.LossService/GetSharedMemoryStatus',
+                request_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetSharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetSharedMemoryStatusResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -123,6 +138,32 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemoryRegion(self, request, context):
+        """RegisterSharedMemoryRegion makes a POSIX shared-memory object (or a part of it)
+        usable by name in tensors and outputs. Needs a server started with shared memory
+        on (ServerFeatures.shared_memory); registering the same name again with the same
+        key, offset and size is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemoryRegion(self, request, context):
+        """UnregisterSharedMemoryRegion forgets a region (every region when the name is
+        empty) and unmaps it once the calls using it have finished. Unknown names are
+        not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSharedMemoryStatus(self, request, context):
+        """GetSharedMemoryStatus lists the registered regions (or the one named).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +191,21 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ComputeStream,
                     request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamRequest.FromString,
                     response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamResponse.SerializeToString,
+            ),
+            'RegisterSharedMemoryRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemoryRegion,
+                    request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.RegisterSharedMemoryRegionRequest.FromString,
+                    response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.RegisterSharedMemoryRegionResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemoryRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemoryRegion,
+                    request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.UnregisterSharedMemoryRegionRequest.FromString,
+                    response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.UnregisterSharedMemoryRegionResponse.SerializeToString,
+            ),
+            'GetSharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSharedMemoryStatus,
+                    request_deserializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetSharedMemoryStatusRequest.FromString,
+                    response_serializer=lossgrad_dot_v1_dot_lossgrad__pb2.GetSharedMemoryStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,6 +344,87 @@ class LossService:
             '/lossgrad.v1.LossService/ComputeStream',
             lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamRequest.SerializeToString,
             lossgrad_dot_v1_dot_lossgrad__pb2.ComputeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemoryRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossgrad.v1.LossService/RegisterSharedMemoryRegion',
+            lossgrad_dot_v1_dot_lossgrad__pb2.RegisterSharedMemoryRegionRequest.SerializeToString,
+            lossgrad_dot_v1_dot_lossgrad__pb2.RegisterSharedMemoryRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemoryRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossgrad.v1.LossService/UnregisterSharedMemoryRegion',
+            lossgrad_dot_v1_dot_lossgrad__pb2.UnregisterSharedMemoryRegionRequest.SerializeToString,
+            lossgrad_dot_v1_dot_lossgrad__pb2.UnregisterSharedMemoryRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossgrad.v1.LossService/GetSharedMemoryStatus',
+            lossgrad_dot_v1_dot_lossgrad__pb2.GetSharedMemoryStatusRequest.SerializeToString,
+            lossgrad_dot_v1_dot_lossgrad__pb2.GetSharedMemoryStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

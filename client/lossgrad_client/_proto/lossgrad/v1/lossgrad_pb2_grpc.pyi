@@ -80,6 +80,19 @@ class LossServiceStub:
     differs from the header's, more rows or chunks than declared or allowed) gets
     INVALID_ARGUMENT naming the field.
     """
+    RegisterSharedMemoryRegion: _grpc.UnaryUnaryMultiCallable[_lossgrad_pb2.RegisterSharedMemoryRegionRequest, _lossgrad_pb2.RegisterSharedMemoryRegionResponse]
+    """RegisterSharedMemoryRegion makes a POSIX shared-memory object (or a part of it)
+    usable by name in tensors and outputs. Needs a server started with shared memory
+    on (ServerFeatures.shared_memory); registering the same name again with the same
+    key, offset and size is a no-op.
+    """
+    UnregisterSharedMemoryRegion: _grpc.UnaryUnaryMultiCallable[_lossgrad_pb2.UnregisterSharedMemoryRegionRequest, _lossgrad_pb2.UnregisterSharedMemoryRegionResponse]
+    """UnregisterSharedMemoryRegion forgets a region (every region when the name is
+    empty) and unmaps it once the calls using it have finished. Unknown names are
+    not an error.
+    """
+    GetSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_lossgrad_pb2.GetSharedMemoryStatusRequest, _lossgrad_pb2.GetSharedMemoryStatusResponse]
+    """GetSharedMemoryStatus lists the registered regions (or the one named)."""
 
 @_typing.type_check_only
 class LossServiceAsyncStub(LossServiceStub):
@@ -120,6 +133,19 @@ class LossServiceAsyncStub(LossServiceStub):
     differs from the header's, more rows or chunks than declared or allowed) gets
     INVALID_ARGUMENT naming the field.
     """
+    RegisterSharedMemoryRegion: _aio.UnaryUnaryMultiCallable[_lossgrad_pb2.RegisterSharedMemoryRegionRequest, _lossgrad_pb2.RegisterSharedMemoryRegionResponse]  # type: ignore[assignment]
+    """RegisterSharedMemoryRegion makes a POSIX shared-memory object (or a part of it)
+    usable by name in tensors and outputs. Needs a server started with shared memory
+    on (ServerFeatures.shared_memory); registering the same name again with the same
+    key, offset and size is a no-op.
+    """
+    UnregisterSharedMemoryRegion: _aio.UnaryUnaryMultiCallable[_lossgrad_pb2.UnregisterSharedMemoryRegionRequest, _lossgrad_pb2.UnregisterSharedMemoryRegionResponse]  # type: ignore[assignment]
+    """UnregisterSharedMemoryRegion forgets a region (every region when the name is
+    empty) and unmaps it once the calls using it have finished. Unknown names are
+    not an error.
+    """
+    GetSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_lossgrad_pb2.GetSharedMemoryStatusRequest, _lossgrad_pb2.GetSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """GetSharedMemoryStatus lists the registered regions (or the one named)."""
 
 class LossServiceServicer(metaclass=_abc_1.ABCMeta):
     """LossService computes losses and gradients. Every RPC is idempotent."""
@@ -187,5 +213,36 @@ class LossServiceServicer(metaclass=_abc_1.ABCMeta):
         differs from the header's, more rows or chunks than declared or allowed) gets
         INVALID_ARGUMENT naming the field.
         """
+
+    @_abc_1.abstractmethod
+    def RegisterSharedMemoryRegion(
+        self,
+        request: _lossgrad_pb2.RegisterSharedMemoryRegionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lossgrad_pb2.RegisterSharedMemoryRegionResponse, _abc.Awaitable[_lossgrad_pb2.RegisterSharedMemoryRegionResponse]]:
+        """RegisterSharedMemoryRegion makes a POSIX shared-memory object (or a part of it)
+        usable by name in tensors and outputs. Needs a server started with shared memory
+        on (ServerFeatures.shared_memory); registering the same name again with the same
+        key, offset and size is a no-op.
+        """
+
+    @_abc_1.abstractmethod
+    def UnregisterSharedMemoryRegion(
+        self,
+        request: _lossgrad_pb2.UnregisterSharedMemoryRegionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lossgrad_pb2.UnregisterSharedMemoryRegionResponse, _abc.Awaitable[_lossgrad_pb2.UnregisterSharedMemoryRegionResponse]]:
+        """UnregisterSharedMemoryRegion forgets a region (every region when the name is
+        empty) and unmaps it once the calls using it have finished. Unknown names are
+        not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSharedMemoryStatus(
+        self,
+        request: _lossgrad_pb2.GetSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lossgrad_pb2.GetSharedMemoryStatusResponse, _abc.Awaitable[_lossgrad_pb2.GetSharedMemoryStatusResponse]]:
+        """GetSharedMemoryStatus lists the registered regions (or the one named)."""
 
 def add_LossServiceServicer_to_server(servicer: LossServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

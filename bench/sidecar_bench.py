@@ -1,0 +1,131 @@
+"""Section 6: a co-located worker (lossgrad as a sidecar) through shared memory, against
+the same call with the tensors as bytes and against PyTorch computing the loss and its
+gradient in the worker itself.
+
+``bench/run.py --only sidecar`` runs it; :func:`run` returns its Markdown and problems.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from cases import Case, bce_logits, inputs, mse, sparse_ce
+from measure import Timing, fmt_ms, fmt_ratio, interleaved, table
+from reference_torch import TorchStep
+from servers import HOST, MAX_MESSAGE_BYTES, ServerProcess, max_workers
+
+TORCH_THREADS = 2
+CALL_TIMEOUT_S = 120.0
+
+METHOD = """\
+`lossgrad serve --shared-memory` in a subprocess on {host} ({workers} worker threads,
+numba's default threads), the client in this process, both on this machine as a worker
+and its sidecar are in one pod; shared memory is a temporary directory in `/dev/shm`.
+Per row, in turns ({seconds:g} s of calls each, five rounds, at most {max_reps} calls):
+
+- **PyTorch local**: the worker computes the loss and gradient itself (`torch.from_numpy`,
+  `requires_grad_()`, the `torch.nn.functional` loss, `backward()`, `grad = None` first),
+  `torch.set_num_threads({torch_threads})`: what the sidecar has to beat.
+- **bytes**: `LossClient.compute_gradient` with NumPy arrays: the tensors travel in the
+  gRPC messages.
+- **shm, copying**: `LossClient(..., shared_memory=True)` with the same NumPy arrays: the
+  client copies them into its (reused) region, the server reads them there and writes
+  the gradient there, the client copies the gradient out into a new array.
+- **shm, zero-copy**: the inputs are `client.shared_array(...)` arrays the worker filled,
+  and `out=` another: the server reads the inputs in place and its kernel writes
+  the gradient straight into the worker's array; only names and offsets go through gRPC.
+
+Before timing, each shared-memory result must be bit-identical to the bytes result
+(**MISMATCH** otherwise). *PyTorch ÷ shm* above 1 means the sidecar is faster than
+computing locally.
+"""
+
+
+def _cases(quick: bool) -> list[Case]:
+    sizes = [10**6] + ([] if quick else [16_000_000])
+    return [mse(n) for n in sizes] + [bce_logits(n) for n in sizes] + [sparse_ce(4096, 1000)]
+
+
+def _shm_directory() -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="lossgrad-bench-", dir=base)
+
+
+def run(quick: bool) -> tuple[str, list[str]]:
+    import torch
+    from lossgrad_client import LossClient, SharedMemoryOptions
+
+    torch.set_num_threads(TORCH_THREADS)
+    seconds = 1.0 if quick else 3.0
+    max_reps = 200 if quick else 2000
+    directory = _shm_directory()
+    workers = max_workers()
+    command = [sys.executable, "-m", "lossgrad", "serve", "--host", HOST, "--port", "0",
+               "--max-workers", str(workers), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+               "--shared-memory", "--shared-memory-dir", directory]
+    rows, problems = [], []
+    options = SharedMemoryOptions(directory=directory)
+    try:
+        with ServerProcess(command) as server, \
+                LossClient(server.address, timeout=CALL_TIMEOUT_S) as plain, \
+                LossClient(server.address, timeout=CALL_TIMEOUT_S,
+                           shared_memory=options) as client:
+            for case in _cases(quick):
+                row, ok = _measure(case, plain, client, seconds, max_reps)
+                rows.append(row)
+                if not ok:
+                    problems.append(f"sidecar {case.loss} {case.size_label}: shared-memory "
+                                    "result differs from the bytes result")
+                print(f"  sidecar {case.loss} {case.size_label}: " + ", ".join(
+                    f"{k} {v}" for k, v in zip(HEADER[2:], row[2:], strict=False)), flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    method = METHOD.format(host=HOST, workers=workers, seconds=seconds, max_reps=max_reps,
+                           torch_threads=TORCH_THREADS)
+    return method + "\n" + table(HEADER, rows), problems
+
+
+HEADER = ("loss", "size", "PyTorch local p50 / p99 ms", "bytes p50 / p99",
+          "shm copying p50 / p99", "shm zero-copy p50 / p99", "PyTorch ÷ shm copying",
+          "PyTorch ÷ shm zero-copy")
+
+
+def _measure(case: Case, plain: Any, client: Any, seconds: float,
+             max_reps: int) -> tuple[list[str], bool]:
+    x, y = inputs(case)
+    xs = client.shared_array(x.shape, x.dtype)
+    ys = client.shared_array(y.shape, y.dtype)
+    gs = client.shared_array(x.shape, x.dtype)
+    xs[...], ys[...] = x, y
+    params = case.params
+    step = TorchStep(case.family, x, y)
+    expected = plain.compute_gradient(case.loss, x, y, **params)
+    copying = client.compute_gradient(case.loss, x, y, **params)
+    zero_copy = client.compute_gradient(case.loss, xs, ys, out=gs, **params)
+    ok = all(float(r.loss) == float(expected.loss)
+             and r.gradient.tobytes() == expected.gradient.tobytes()
+             for r in (copying, zero_copy))
+    del expected, copying, zero_copy
+    timings = interleaved({
+        "torch": step,
+        "bytes": lambda: plain.compute_gradient(case.loss, x, y, **params),
+        "copying": lambda: client.compute_gradient(case.loss, x, y, **params),
+        "zero_copy": lambda: client.compute_gradient(case.loss, xs, ys, out=gs,
+                                                     **params),
+    }, budget_s=seconds, min_reps=5, max_reps=max_reps)
+
+    def cell(t: Timing) -> str:
+        return f"{fmt_ms(t.ms())} / {fmt_ms(t.ms(99))}"
+
+    torch_ms = timings["torch"].ms()
+    row = [case.loss + (" (logits)" if params.get("from_logits") else ""),
+           case.size_label + ("" if ok else " **MISMATCH**"),
+           cell(timings["torch"]), cell(timings["bytes"]), cell(timings["copying"]),
+           cell(timings["zero_copy"]),
+           fmt_ratio(torch_ms / timings["copying"].ms()),
+           fmt_ratio(torch_ms / timings["zero_copy"].ms())]
+    return row, ok
