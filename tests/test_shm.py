@@ -586,3 +586,29 @@ def test_first_use_names_the_field() -> None:
         "targets.shared_memory"
     assert shm.first_use(ComputeRequest(gradient_output=location), False) is None
     assert shm.first_use(ComputeRequest(gradient_output=location), True) == "gradient_output"
+
+
+@pytest.mark.e2e
+def test_half_precision_and_hessians_through_shared_memory(
+        shm_address: str, plain: LossClient, options: SharedMemoryOptions) -> None:
+    """float16 predictions (computed in float32, rounded once, then written to the region)
+    and a Hessian (sent back as bytes) give the bytes path's bits."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 10)).astype(np.float16)
+    t = rng.normal(size=(64, 10)).astype(np.float16)
+    with LossClient(shm_address, timeout=CALL_TIMEOUT_S, shared_memory=options) as client:
+        xs, out = client.shared_array(x.shape, np.float16), client.shared_array(x.shape,
+                                                                                np.float16)
+        xs[...] = x
+        for reduction in ("mean", "none"):
+            expected = plain.compute_gradient("huber", x, t, reduction=reduction)
+            _same(client.compute_gradient("huber", x, t, reduction=reduction), expected)
+            got = client.compute_gradient("huber", xs, t, reduction=reduction, out=out)
+            assert got.gradient is out
+            _same(got, expected)
+        x64 = x.astype(np.float64)
+        expected = plain.compute_gradient("mse", x64, t.astype(np.float64), hessian="exact")
+        got = client.compute_gradient("mse", x64, t.astype(np.float64), hessian="exact")
+        _same(got, expected)
+        assert got.hessian is not None and expected.hessian is not None
+        assert got.hessian.tobytes() == expected.hessian.tobytes()
