@@ -8,7 +8,14 @@
 from ._aio import AsyncLossClient
 from ._client import LossClient
 from ._shm import SharedMemoryOptions
-from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
+from ._types import (
+    GradientResult,
+    InputInfo,
+    LossInfo,
+    LossResult,
+    ParamInfo,
+    PluginInfo,
+)
 from .errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -41,6 +48,7 @@ __all__ = [
     "NotFoundError",
     "ParamInfo",
     "PermissionDeniedError",
+    "PluginInfo",
     "ResourceExhaustedError",
     "SharedMemoryOptions",
     "UnauthenticatedError",

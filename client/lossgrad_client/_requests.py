@@ -17,7 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ._convert import from_tensor, to_tensor
 from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
-from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo
+from ._types import GradientResult, InputInfo, LossInfo, LossResult, ParamInfo, PluginInfo
 from ._wire import ComputeRequest, ComputeResponse, Tensor, WireError, parse_response
 from .errors import InternalError, InvalidArgumentError
 
@@ -31,8 +31,12 @@ _HESSIAN_MODES: dict[str, pb.HessianMode.ValueType] = {
     "clipped": pb.HESSIAN_MODE_CLIPPED,
     "constant": pb.HESSIAN_MODE_CONSTANT,
 }
-# LossParams fields by name: the keyword parameters of compute_loss/compute_gradient.
-_PARAM_FIELDS: dict[str, FieldDescriptor] = dict(pb.LossParams.DESCRIPTOR.fields_by_name)
+# LossParams typed fields by name; other keyword parameters of compute_loss and
+# compute_gradient (those of plugin losses) travel in the by_name map.
+_PARAM_FIELDS: dict[str, FieldDescriptor] = {
+    name: field for name, field in pb.LossParams.DESCRIPTOR.fields_by_name.items()
+    if name != "by_name"
+}
 
 LIST_LOSSES_REQUEST = pb.ListLossesRequest()
 
@@ -163,18 +167,17 @@ def _reduction(value: str) -> pb.Reduction.ValueType:
 
 
 def _set_params(out: pb.LossParams, params: Mapping[str, Any]) -> None:
-    """Set each keyword on the LossParams field of the same name; None leaves it unset."""
+    """Set each keyword on the LossParams field of the same name, or in ``by_name`` when
+    there is no such field (the server checks that the loss has the parameter); None
+    leaves it unset."""
     for name, value in params.items():
-        descriptor = _PARAM_FIELDS.get(name)
-        if descriptor is None:
-            raise InvalidArgumentError(
-                f"params: unknown parameter {name!r}; valid parameters: "
-                + ", ".join(sorted(_PARAM_FIELDS)),
-                reason="UNKNOWN_PARAMETER", field=f"params.{name}")
         if value is None:
             continue
         field = f"params.{name}"
-        if descriptor.is_repeated:
+        descriptor = _PARAM_FIELDS.get(name)
+        if descriptor is None:
+            _set_by_name(out.by_name[name], value, field)
+        elif descriptor.is_repeated:
             getattr(out, name).extend(_double_list(value, field))
         elif descriptor.type == FieldDescriptor.TYPE_BOOL:
             if not isinstance(value, (bool, np.bool_)):
@@ -191,6 +194,22 @@ def _set_params(out: pb.LossParams, params: Mapping[str, Any]) -> None:
             if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
                 raise _type_error(field, "a number", value)
             setattr(out, name, float(value))
+
+
+def _set_by_name(out: pb.ParamValue, value: Any, field: str) -> None:
+    """A plugin parameter, typed by its Python type (the server converts an int for a
+    double parameter)."""
+    if isinstance(value, (bool, np.bool_)):
+        out.bool_value = bool(value)
+    elif isinstance(value, numbers.Integral):
+        if not -(2**63) <= int(value) < 2**63:
+            raise InvalidArgumentError(f"{field}: {value} is outside int64",
+                                       reason="PARAMETER_OUT_OF_RANGE", field=field)
+        out.int64_value = int(value)
+    elif isinstance(value, numbers.Real):
+        out.double_value = float(value)
+    else:
+        out.double_list_value.values.extend(_double_list(value, field))
 
 
 def _double_list(value: Any, field: str) -> list[float]:
@@ -267,5 +286,8 @@ def _loss_info(info: pb.LossInfo) -> LossInfo:
         hessian_modes=tuple(_enum_name(pb.HessianMode, m, "HESSIAN_MODE_")
                             for m in info.hessian_modes),
         hessian=info.hessian,
+        origin=_enum_name(pb.LossOrigin, info.origin, "LOSS_ORIGIN_"),
+        plugin=PluginInfo(info.plugin.entry_point, info.plugin.distribution,
+                          info.plugin.version) if info.HasField("plugin") else None,
     )
 

@@ -72,10 +72,22 @@ class ParamInfo:
 
 
 @dataclass(frozen=True)
+class PluginInfo:
+    """The installed package behind a plugin loss: its entry point in the
+    ``lossgrad.losses`` group ("name = module:attribute"), distribution and version."""
+
+    entry_point: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
 class LossInfo:
     """One loss of the server's catalog. ``hessian_modes`` are the ``hessian=`` values
     :meth:`LossClient.compute_gradient` accepts for it ("exact", "clipped", "constant";
-    empty: none), and ``hessian`` says what its exact diagonal Hessian is."""
+    empty: none), and ``hessian`` says what its exact diagonal Hessian is. ``origin`` is
+    "builtin", "plugin" (then ``plugin`` says which package provides it) or "unspecified"
+    (an older server)."""
 
     name: str
     aliases: tuple[str, ...]
@@ -87,6 +99,8 @@ class LossInfo:
     reference: str
     hessian_modes: tuple[str, ...] = ()
     hessian: str = ""
+    origin: str = "unspecified"
+    plugin: PluginInfo | None = None
 
     def param(self, name: str) -> ParamInfo | None:
         """Return the parameter called ``name``, or None."""

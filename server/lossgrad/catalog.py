@@ -77,6 +77,16 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class PluginSource:
+    """The installed package behind a plugin loss: its entry point in the
+    ``lossgrad.losses`` group (``"name = module:attribute"``), distribution and version."""
+
+    entry_point: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
 class LossSpec:
     name: str
     layout: Layout
@@ -92,6 +102,7 @@ class LossSpec:
     # its exact diagonal Hessian is, in words.
     hessian_modes: tuple[HessianMode, ...] = ()
     hessian: str = ""
+    plugin: PluginSource | None = None  # None: a built-in loss
 
     @property
     def class_axis_last(self) -> bool:
@@ -281,6 +292,39 @@ _BY_NAME: dict[str, LossSpec] = {}
 for _spec in LOSSES:
     for _name in (_spec.name, *_spec.aliases):
         _BY_NAME[_name] = _spec
+
+
+_PLUGIN_LOSSES: list[LossSpec] = []
+
+
+def all_losses() -> tuple[LossSpec, ...]:
+    """The built-in losses, then those that plugins registered (see ``lossgrad.plugin``)."""
+    return LOSSES + tuple(_PLUGIN_LOSSES)
+
+
+def taken_names() -> frozenset[str]:
+    """Every name and alias in use, built-in or registered."""
+    return frozenset(_BY_NAME)
+
+
+def register(spec: LossSpec) -> None:
+    """Add a plugin loss. Its name and aliases must all be new (ValueError otherwise):
+    a plugin can add losses, never replace one."""
+    names = (spec.name, *spec.aliases)
+    taken = [name for name in names if name in _BY_NAME]
+    if taken:
+        owners = {_describe(_BY_NAME[name]) for name in taken}
+        raise ValueError(f"{', '.join(map(repr, taken))} already taken by "
+                         + ", ".join(sorted(owners)))
+    _PLUGIN_LOSSES.append(spec)
+    for name in names:
+        _BY_NAME[name] = spec
+
+
+def _describe(spec: LossSpec) -> str:
+    if spec.plugin is None:
+        return f"the built-in loss {spec.name!r}"
+    return f"the plugin loss {spec.name!r} ({spec.plugin.entry_point})"
 
 
 def lookup(name: str) -> LossSpec:

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import catalog, shm
+from . import catalog, plugin, shm
 from .auth import read_token_file
 from .server import (
     DEFAULT_GRACE_S,
@@ -46,6 +46,8 @@ _ENV_SHM_DIR = "LOSSGRAD_SHARED_MEMORY_DIR"
 _ENV_SHM_PREFIX = "LOSSGRAD_SHARED_MEMORY_KEY_PREFIX"
 _ENV_SHM_MAX_REGIONS = "LOSSGRAD_SHARED_MEMORY_MAX_REGIONS"
 _ENV_SHM_MAX_BYTES = "LOSSGRAD_SHARED_MEMORY_MAX_BYTES"
+_ENV_PLUGINS = plugin.ENV_PLUGINS
+_ENV_PLUGIN_ERRORS = plugin.ENV_PLUGIN_ERRORS
 _TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -60,9 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.kserve = _env_bool(parser, _ENV_KSERVE, True)
         if args.shared_memory is None:
             args.shared_memory = _env_bool(parser, _ENV_SHM, False)
+        if args.plugins is None:
+            args.plugins = _env_bool(parser, _ENV_PLUGINS, True)
         return _serve(args)
+    try:
+        plugin.load()  # every command sees the installed plugin losses
+    except plugin.PluginError as err:
+        print(f"lossgrad: {err}", file=sys.stderr)
+        return 1
     if args.command == "losses":
-        sys.stdout.write(format_catalog(catalog.LOSSES))
+        sys.stdout.write(format_catalog(catalog.all_losses()))
         return 0
     if args.command == "compile":
         return _compile()
@@ -145,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="which calls get an access log line: every call, failed calls "
                             f"only, or none (env {_ENV_ACCESS_LOG}; default %(default)s)")
     _shared_memory_options(serve)
+    serve.add_argument("--plugins", action=argparse.BooleanOptionalAction, default=None,
+                       help="load the plugin losses of installed packages (entry point group "
+                            f"{plugin.GROUP}; env {_ENV_PLUGINS}=0/1; default on)")
+    serve.add_argument("--plugin-errors", choices=("fail", "skip"),
+                       type=_one_of("fail", "skip"), default=env(_ENV_PLUGIN_ERRORS, "fail"),
+                       help="a plugin that fails to load stops the start (fail), or is left "
+                            "out, logged and listed in GetServerInfo (skip) "
+                            f"(env {_ENV_PLUGIN_ERRORS}; default %(default)s)")
     commands.add_parser("losses", help="print the loss catalog")
     commands.add_parser(
         "compile", help="compile every kernel into numba's cache and warm it",
@@ -275,8 +292,9 @@ def _serve(args: argparse.Namespace) -> int:
               health_port=args.health_port or None, reflection=args.reflection,
               metrics_port=args.metrics_port or None, kserve_api=args.kserve,
               tls=tls, auth_token=token, grace=args.grace, on_ready=ready,
-              shared_memory=shared_memory)
-    except OSError as err:
+              shared_memory=shared_memory, plugins=args.plugins,
+              plugin_errors=args.plugin_errors)
+    except (OSError, plugin.PluginError) as err:
         print(f"lossgrad: {err}", file=sys.stderr)
         return 1
     return 0
@@ -307,6 +325,8 @@ def format_catalog(losses: Sequence[catalog.LossSpec]) -> str:
         + "  " + row[-1]
         for row in (header, *rows)
     ]
+    lines += [f"{spec.name}: plugin {spec.plugin.entry_point} ({spec.plugin.distribution} "
+              f"{spec.plugin.version})" for spec in losses if spec.plugin is not None]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import catalog
+from . import catalog, plugin
 from .catalog import HessianMode, Layout, LossSpec
 from .errors import (
     INVALID_LABELS,
@@ -91,6 +91,7 @@ def compute(
     kernel writes there directly, and the result's arrays view their first bytes. Errors
     about them name the request fields ``gradient_output`` and ``losses_output``.
     """
+    plugin.ensure_loaded()  # once: the first call loads the installed plugin losses
     nm.compile_kernels()  # once: the first call compiles every kernel
     batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
                     params)
@@ -153,8 +154,9 @@ def _output(buffer: np.ndarray, like: np.ndarray, field: str) -> np.ndarray:
 def warmup() -> None:
     """Run every loss once per dtype so that every kernel is compiled (or loaded from
     the numba cache) and ready before the service reports SERVING."""
+    plugin.ensure_loaded()
     for dtype in FLOAT_DTYPES:
-        for spec in catalog.LOSSES:
+        for spec in catalog.all_losses():
             x, t = _warmup_inputs(spec, dtype)
             for red in Reduction:
                 for grad in (True, False):
@@ -227,11 +229,27 @@ def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
             batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
         check_nonfinite_total(batch, total, x_unit, t_unit)
         return _result(batch, total, out, grad, hess)
+    return run_elementwise_kernel(batch, want_grad, drivers.elementwise, op, a, b,
+                                  x_unit=x_unit, t_unit=t_unit)
+
+
+def run_elementwise_kernel(batch: Batch, want_grad: bool, kernel: Any, *args: Any,
+                           x_unit: bool = False, t_unit: bool = False) -> Result:
+    """Run an elementwise driver, ``kernel(x, t, w, out, grad, scale, *args, strict,
+    parallel, start)``, with the engine's buffers, gradient scale, checks and reduction; plugin
+    losses use it with their own driver."""
     out, grad = _buffers(batch, want_grad)
-    total = drivers.elementwise(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a, b,
-                                not batch.allow_nonfinite, _parallel(batch), batch.start)
+    total = kernel(batch.x, batch.t, batch.w, out, grad, _scale(batch), *args,
+                   not batch.allow_nonfinite, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, x_unit, t_unit)
     return _result(batch, total, out, grad if want_grad else None)
+
+
+def register_runner(name: str, run: Callable[[Batch, bool], Result]) -> None:
+    """Route the loss ``name`` (registered in the catalog by a plugin) to ``run``."""
+    if name in _RUNNERS:
+        raise ValueError(f"loss {name!r} already has a runner")
+    _RUNNERS[name] = run
 
 
 def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,

@@ -177,7 +177,7 @@ def resolve_params(spec: LossSpec, name: str, given: dict[str, Any]) -> dict[str
                 UNKNOWN_PARAMETER)
         if value is None:
             continue
-        value = _coerce_param(p, field, value)
+        value = coerce_param(p, field, value)
         if key in preset and value != preset[key]:
             raise InvalidArgumentError(
                 field, f"{name!r} means {key}={preset[key]}; use {spec.name!r} for {key}={value}",
@@ -186,7 +186,9 @@ def resolve_params(spec: LossSpec, name: str, given: dict[str, Any]) -> dict[str
     return values
 
 
-def _coerce_param(p: catalog.ParamSpec, field: str, value: Any) -> Any:
+def coerce_param(p: catalog.ParamSpec, field: str, value: Any) -> Any:
+    """``value`` as parameter ``p`` takes it; InvalidArgumentError on ``field`` when its
+    type or range is wrong."""
     if p.type is ParamType.BOOL:
         if not isinstance(value, (bool, np.bool_)):
             raise InvalidArgumentError(field, f"must be a bool, got {value!r}",
@@ -205,6 +207,8 @@ def _coerce_param(p: catalog.ParamSpec, field: str, value: Any) -> Any:
             _check_range(p, f"{field}[{k}]", v)
         return np.ascontiguousarray(arr)
     try:
+        if isinstance(value, (bool, np.bool_)):  # float(True) would pass as 1.0
+            raise TypeError(value)
         number = float(value)
     except (TypeError, ValueError):
         raise InvalidArgumentError(field, f"must be a number, got {value!r}",

@@ -24,7 +24,7 @@ from grpc_health.v1.health import HealthServicer
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from prometheus_client import start_http_server
 
-from . import __version__, engine, kserve, wire
+from . import __version__, engine, kserve, plugin, wire
 from .auth import TokenAuthInterceptor
 from .concurrency import CallCountingExecutor, ConcurrencyLimitInterceptor
 from .errors import TOO_MANY_CONCURRENT_CALLS
@@ -171,6 +171,8 @@ def create_server(
     warm: bool = True,
     kserve_api: bool = True,
     shared_memory: SharedMemoryConfig | None = None,
+    plugins: bool | None = None,
+    plugin_errors: str | None = None,
 ) -> tuple[LossServer, int]:
     """Start a LossService server on ``host:port`` and return it with the bound port.
 
@@ -185,6 +187,9 @@ def create_server(
     Open Inference Protocol (``inference.GRPCInferenceService``) on the same port.
     ``shared_memory`` turns on the shared-memory transport (:mod:`lossgrad.shm`) with its
     directory and limits.
+    ``plugins`` and ``plugin_errors`` are those of :func:`lossgrad.plugin.load` (the
+    first load in a process decides); a broken plugin raises ``PluginError`` unless
+    ``plugin_errors="skip"``.
     """
     for name, value in (("port", port), ("health_port", health_port),
                         ("metrics_port", metrics_port)):
@@ -216,6 +221,7 @@ def create_server(
         health_bound = _bind(health_server, host, health_port, None)
         health_server.start()
     try:
+        plugins_found = plugin.load(enabled=plugins, errors=plugin_errors)
         if warm:
             engine.warmup()
         info = ServerInfo(
@@ -233,7 +239,8 @@ def create_server(
                 mutual_tls=tls is not None and tls.client_ca is not None,
                 auth=auth_token is not None, metrics=metrics_port is not None,
                 kserve=kserve_api, streaming=True,
-                hessian=True, shared_memory=shared_memory is not None),
+                hessian=True, shared_memory=shared_memory is not None,
+                plugins=plugins_found.to_proto()),
             telemetry=telemetry)
         server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
                         max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,

@@ -27,7 +27,7 @@ from lossgrad_client._wire import (
     serialize_stream_response,
 )
 
-from . import catalog, engine, shm, stream, wire
+from . import catalog, engine, plugin, shm, stream, wire
 from .errors import MISSING_FIELD, DeadlineExceededError, InvalidArgumentError
 from .status import abort
 
@@ -53,7 +53,7 @@ class LossService:
                  max_stream_chunks: int = DEFAULT_MAX_STREAM_CHUNKS,
                  server_info: Callable[[], pb.GetServerInfoResponse] | None = None,
                  shared_memory: shm.SharedMemoryRegistry | None = None) -> None:
-        self._catalog = list_losses_response(catalog.LOSSES)
+        self._catalog = list_losses_response(catalog.all_losses())
         self._max_elements = max_elements
         self._max_stream_elements = max_stream_elements
         self._max_stream_chunks = max_stream_chunks
@@ -302,6 +302,8 @@ def _loss_info(spec: catalog.LossSpec) -> pb.LossInfo:
         reference=spec.reference,
         hessian_modes=[_HESSIAN_MODES[m] for m in spec.hessian_modes],
         hessian=spec.hessian,
+        origin=pb.LOSS_ORIGIN_BUILTIN if spec.plugin is None else pb.LOSS_ORIGIN_PLUGIN,
+        plugin=None if spec.plugin is None else plugin.source_proto(spec.plugin),
     )
 
 

@@ -24,6 +24,7 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from .engine import HessianMode, Reduction
 from .errors import (
     BYTE_SIZE_MISMATCH,
+    DUPLICATE_PARAMETER,
     MALFORMED_REQUEST,
     MISSING_FIELD,
     NEGATIVE_DIMENSION,
@@ -216,7 +217,8 @@ def hessian_options(request: _wire.ComputeRequest) -> dict[str, Any]:
 
 
 def decode_params(params: pb.LossParams | None) -> dict[str, Any]:
-    """Return the LossParams fields that are set, by name; unset fields are left out."""
+    """Return the LossParams fields that are set, by name, and the entries of ``by_name``;
+    unset fields are left out."""
     if params is None:
         return {}
     out: dict[str, Any] = {
@@ -224,4 +226,15 @@ def decode_params(params: pb.LossParams | None) -> dict[str, Any]:
     }
     if len(params.class_weight):
         out["class_weight"] = list(params.class_weight)
+    for name, value in params.by_name.items():
+        field = f"params.by_name[{name!r}]"
+        if name in out:
+            raise InvalidArgumentError(
+                field, f"{name!r} is also set in its typed field params.{name}",
+                DUPLICATE_PARAMETER)
+        kind = value.WhichOneof("value")
+        if kind is None:
+            raise InvalidArgumentError(field, "no value is set", MISSING_FIELD)
+        item = getattr(value, kind)
+        out[name] = list(item.values) if kind == "double_list_value" else item
     return out

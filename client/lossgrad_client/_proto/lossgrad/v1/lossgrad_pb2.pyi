@@ -233,6 +233,30 @@ PARAM_TYPE_DOUBLE_LIST: ParamType.ValueType  # 4
 """A list of doubles (one per class)."""
 Global___ParamType: _TypeAlias = ParamType  # noqa: Y015
 
+class _LossOrigin:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LossOriginEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LossOrigin.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOSS_ORIGIN_UNSPECIFIED: _LossOrigin.ValueType  # 0
+    """Not set (a server older than this field)."""
+    LOSS_ORIGIN_BUILTIN: _LossOrigin.ValueType  # 1
+    """Part of lossgrad itself."""
+    LOSS_ORIGIN_PLUGIN: _LossOrigin.ValueType  # 2
+    """Registered by an installed plugin package (see LossInfo.plugin)."""
+
+class LossOrigin(_LossOrigin, metaclass=_LossOriginEnumTypeWrapper):
+    """LossOrigin says where a loss of the catalog comes from."""
+
+LOSS_ORIGIN_UNSPECIFIED: LossOrigin.ValueType  # 0
+"""Not set (a server older than this field)."""
+LOSS_ORIGIN_BUILTIN: LossOrigin.ValueType  # 1
+"""Part of lossgrad itself."""
+LOSS_ORIGIN_PLUGIN: LossOrigin.ValueType  # 2
+"""Registered by an installed plugin package (see LossInfo.plugin)."""
+Global___LossOrigin: _TypeAlias = LossOrigin  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """Tensor is a dense array: dtype, shape and the raw little-endian C-order bytes."""
@@ -315,6 +339,27 @@ class LossParams(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ByNameEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ParamValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ParamValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DELTA_FIELD_NUMBER: _builtins.int
     FROM_LOGITS_FIELD_NUMBER: _builtins.int
     POS_WEIGHT_FIELD_NUMBER: _builtins.int
@@ -322,6 +367,7 @@ class LossParams(_message.Message):
     IGNORE_INDEX_FIELD_NUMBER: _builtins.int
     CLASS_WEIGHT_FIELD_NUMBER: _builtins.int
     LOG_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    BY_NAME_FIELD_NUMBER: _builtins.int
     delta: _builtins.float
     """huber, pseudo_huber: the threshold/scale; > 0. Default 1.0."""
     from_logits: _builtins.bool
@@ -349,6 +395,13 @@ class LossParams(_message.Message):
         Empty means every class weighs 1.
         """
 
+    @_builtins.property
+    def by_name(self) -> _containers.MessageMap[_builtins.str, Global___ParamValue]:
+        """Parameters by their ParamInfo name, for those that have no typed field in this
+        message (the parameters of plugin losses). A name may be set here or in its typed
+        field, not in both.
+        """
+
     def __init__(
         self,
         *,
@@ -359,10 +412,11 @@ class LossParams(_message.Message):
         ignore_index: _builtins.int | None = ...,
         class_weight: _abc.Iterable[_builtins.float] | None = ...,
         log_predictions: _builtins.bool | None = ...,
+        by_name: _abc.Mapping[_builtins.str, Global___ParamValue] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "_from_logits", b"_from_logits", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "delta", b"delta", "from_logits", b"from_logits", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "_from_logits", b"_from_logits", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "class_weight", b"class_weight", "delta", b"delta", "from_logits", b"from_logits", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "_from_logits", b"_from_logits", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "by_name", b"by_name", "class_weight", b"class_weight", "delta", b"delta", "from_logits", b"from_logits", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__delta: _TypeAlias = _typing.Literal["delta"]  # noqa: Y015
     _WhichOneofArgType__delta: _TypeAlias = _typing.Literal["_delta", b"_delta"]  # noqa: Y015
@@ -390,6 +444,68 @@ class LossParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__pos_weight) -> _WhichOneofReturnType__pos_weight | None: ...
 
 Global___LossParams: _TypeAlias = LossParams  # noqa: Y015
+
+@_typing.final
+class ParamValue(_message.Message):
+    """ParamValue is one loss parameter's value, in the type that ParamInfo gives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    INT64_VALUE_FIELD_NUMBER: _builtins.int
+    DOUBLE_LIST_VALUE_FIELD_NUMBER: _builtins.int
+    double_value: _builtins.float
+    """A PARAM_TYPE_DOUBLE value (an int64_value is accepted too)."""
+    bool_value: _builtins.bool
+    """A PARAM_TYPE_BOOL value."""
+    int64_value: _builtins.int
+    """A PARAM_TYPE_INT64 value."""
+    @_builtins.property
+    def double_list_value(self) -> Global___DoubleList:
+        """A PARAM_TYPE_DOUBLE_LIST value."""
+
+    def __init__(
+        self,
+        *,
+        double_value: _builtins.float = ...,
+        bool_value: _builtins.bool = ...,
+        int64_value: _builtins.int = ...,
+        double_list_value: Global___DoubleList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_list_value", b"double_list_value", "double_value", b"double_value", "int64_value", b"int64_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "double_list_value", b"double_list_value", "double_value", b"double_value", "int64_value", b"int64_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["double_value", "bool_value", "int64_value", "double_list_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___ParamValue: _TypeAlias = ParamValue  # noqa: Y015
+
+@_typing.final
+class DoubleList(_message.Message):
+    """DoubleList is a list of doubles (a oneof cannot hold a repeated field)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The values, in order."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DoubleList: _TypeAlias = DoubleList  # noqa: Y015
 
 @_typing.final
 class ComputeLossRequest(_message.Message):
@@ -1020,6 +1136,7 @@ class ServerFeatures(_message.Message):
     STREAMING_FIELD_NUMBER: _builtins.int
     KSERVE_FIELD_NUMBER: _builtins.int
     HESSIAN_FIELD_NUMBER: _builtins.int
+    PLUGINS_FIELD_NUMBER: _builtins.int
     reflection: _builtins.bool
     """gRPC server reflection is served."""
     tls: _builtins.bool
@@ -1042,6 +1159,12 @@ class ServerFeatures(_message.Message):
     """
     hessian: _builtins.bool
     """ComputeGradient returns diagonal Hessians on request (ComputeGradientRequest.hessian)."""
+    @_builtins.property
+    def plugins(self) -> Global___PluginStatus:
+        """The loss plugins the server found at start: those loaded, and those skipped
+        because they failed to load.
+        """
+
     def __init__(
         self,
         *,
@@ -1054,14 +1177,107 @@ class ServerFeatures(_message.Message):
         streaming: _builtins.bool = ...,
         kserve: _builtins.bool = ...,
         hessian: _builtins.bool = ...,
+        plugins: Global___PluginStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plugins", b"plugins"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "reflection", b"reflection", "shared_memory", b"shared_memory", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "plugins", b"plugins", "reflection", b"reflection", "shared_memory", b"shared_memory", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServerFeatures: _TypeAlias = ServerFeatures  # noqa: Y015
+
+@_typing.final
+class PluginStatus(_message.Message):
+    """PluginStatus lists the entry points of the `lossgrad.losses` group that a server
+    found when it started.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOADED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def loaded(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginSource]:
+        """Entry points whose losses are served."""
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginFailure]:
+        """Entry points that failed to load and were skipped (a server started with
+        --plugin-errors=skip; by default such a server does not start).
+        """
+
+    def __init__(
+        self,
+        *,
+        loaded: _abc.Iterable[Global___PluginSource] | None = ...,
+        failed: _abc.Iterable[Global___PluginFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "loaded", b"loaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginStatus: _TypeAlias = PluginStatus  # noqa: Y015
+
+@_typing.final
+class PluginFailure(_message.Message):
+    """PluginFailure is an entry point that failed to load, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """What was wrong, in words."""
+    @_builtins.property
+    def source(self) -> Global___PluginSource:
+        """The entry point."""
+
+    def __init__(
+        self,
+        *,
+        source: Global___PluginSource | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginFailure: _TypeAlias = PluginFailure  # noqa: Y015
+
+@_typing.final
+class PluginSource(_message.Message):
+    """PluginSource names the installed package that provides a plugin loss."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_POINT_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    entry_point: _builtins.str
+    """The entry point, as "name = module:attribute"."""
+    distribution: _builtins.str
+    """The distribution (installed package) that declares the entry point."""
+    version: _builtins.str
+    """The distribution's version."""
+    def __init__(
+        self,
+        *,
+        entry_point: _builtins.str = ...,
+        distribution: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distribution", b"distribution", "entry_point", b"entry_point", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginSource: _TypeAlias = PluginSource  # noqa: Y015
 
 @_typing.final
 class LossStatistics(_message.Message):
@@ -1210,6 +1426,8 @@ class LossInfo(_message.Message):
     REFERENCE_FIELD_NUMBER: _builtins.int
     HESSIAN_MODES_FIELD_NUMBER: _builtins.int
     HESSIAN_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Canonical name, e.g. "huber"."""
     description: _builtins.str
@@ -1224,6 +1442,8 @@ class LossInfo(_message.Message):
     """What the exact diagonal Hessian is for this loss, in words (its formula, its
     value at kinks and where clamps are active).
     """
+    origin: Global___LossOrigin.ValueType
+    """Where the loss comes from: lossgrad itself or a plugin."""
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other names accepted in requests, e.g. "l1" for "mae"."""
@@ -1244,6 +1464,10 @@ class LossInfo(_message.Message):
     def hessian_modes(self) -> _containers.RepeatedScalarFieldContainer[Global___HessianMode.ValueType]:
         """The Hessian modes ComputeGradient accepts for this loss; empty when none."""
 
+    @_builtins.property
+    def plugin(self) -> Global___PluginSource:
+        """The plugin package that provides the loss (LOSS_ORIGIN_PLUGIN only)."""
+
     def __init__(
         self,
         *,
@@ -1257,10 +1481,12 @@ class LossInfo(_message.Message):
         reference: _builtins.str = ...,
         hessian_modes: _abc.Iterable[Global___HessianMode.ValueType] | None = ...,
         hessian: _builtins.str = ...,
+        origin: Global___LossOrigin.ValueType = ...,
+        plugin: Global___PluginSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["predictions", b"predictions", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin", "predictions", b"predictions", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "params", b"params", "predictions", b"predictions", "reference", b"reference", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "origin", b"origin", "params", b"params", "plugin", b"plugin", "predictions", b"predictions", "reference", b"reference", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
