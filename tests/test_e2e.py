@@ -13,6 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -396,13 +397,23 @@ def test_none_leaves_a_parameter_unset(client: LossClient) -> None:
 
 # --- client-side checks (nothing is sent) --------------------------------------------------------
 
-def test_unknown_keyword_is_rejected_locally(client: LossClient) -> None:
-    with pytest.raises(InvalidArgumentError, match="unknown parameter 'deltaa'") as info:
+def test_unknown_keyword_is_rejected_by_the_server(client: LossClient) -> None:
+    """A keyword without a typed LossParams field travels by name (plugin losses have
+    such parameters); the server, which knows the loss, rejects it."""
+    with pytest.raises(InvalidArgumentError, match="not a parameter of loss 'huber'") as info:
         client.compute_loss("huber", [1.0], [2.0], deltaa=1.0)
     assert info.value.field == "params.deltaa"
     assert info.value.reason == "UNKNOWN_PARAMETER"
-    assert "delta" in info.value.message and "class_weight" in info.value.message
-    assert info.value.__cause__ is None
+    assert "its parameters: delta" in info.value.message
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+
+
+def test_keyword_of_an_unusable_type_is_rejected_locally(client: LossClient) -> None:
+    with pytest.raises(InvalidArgumentError, match="expected a sequence of numbers") as info:
+        client.compute_loss("huber", [1.0], [2.0], deltaa="wide")
+    assert info.value.field == "params.deltaa"
+    assert info.value.__cause__ is not None and not isinstance(info.value.__cause__,
+                                                               grpc.RpcError)
 
 
 @pytest.mark.parametrize("reduction", ["avg", "", "batchmean"])

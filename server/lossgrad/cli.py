@@ -1,5 +1,6 @@
 """Command line: ``lossgrad serve`` runs the service, ``lossgrad losses`` prints the catalog,
-``lossgrad compile`` fills numba's cache (run it once at install or image build)."""
+``lossgrad compile`` fills numba's cache (run it once at install or image build),
+``lossgrad plot`` draws losses and their gradients."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import catalog, plugin, shm
 from .auth import read_token_file
@@ -65,8 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plugins is None:
             args.plugins = _env_bool(parser, _ENV_PLUGINS, True)
         return _serve(args)
+    if args.command == "plot":
+        return _plot(args)
     try:
-        plugin.load()  # every command sees the installed plugin losses
+        plugin.load()  # the catalog and the kernels include the installed plugin losses
     except plugin.PluginError as err:
         print(f"lossgrad: {err}", file=sys.stderr)
         return 1
@@ -167,6 +171,24 @@ def _parser() -> argparse.ArgumentParser:
         "compile", help="compile every kernel into numba's cache and warm it",
         description="Compile every kernel into numba's cache (NUMBA_CACHE_DIR moves it), so "
                     "that servers started later are ready in about a second.")
+    plot = commands.add_parser(
+        "plot", help="draw losses and their gradients into an image file",
+        description="Draw each LOSS and its gradient as functions of the prediction, for a "
+                    "few targets, from what a server computes (needs matplotlib: the 'plot' "
+                    "extra). Without --target a server is started on a loopback port for "
+                    "the duration.")
+    plot.add_argument("losses", nargs="+", metavar="LOSS",
+                      help="loss name or alias, optionally with its own parameters: "
+                           "huber:delta=0.5 (NAME:K=V,K=V)")
+    plot.add_argument("--param", action="append", default=[], metavar="K=V",
+                      help="parameter for every LOSS that has it (repeatable)")
+    plot.add_argument("--target", metavar="ADDRESS",
+                      help="host:port of a running server (default: start one)")
+    plot.add_argument("--targets", type=_floats, metavar="T,T",
+                      help="target values: values for regression, 1/0 for positive/negative "
+                           "labels, 0/1 for the true/wrong class (default: a few per kind)")
+    plot.add_argument("-o", "--output", required=True, metavar="FILE",
+                      help="image file to write; the format follows the extension (.png)")
     return parser
 
 
@@ -198,6 +220,37 @@ def _shared_memory(args: argparse.Namespace) -> shm.SharedMemoryConfig | None:
         return None
     return shm.SharedMemoryConfig(args.shared_memory_dir, args.shared_memory_key_prefix,
                                   args.shared_memory_max_regions, args.shared_memory_max_bytes)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from lossgrad_client import LossgradError
+
+    from .plot import PlotError, plot
+
+    def start_server() -> tuple[Any, str]:
+        from .server import create_server
+
+        server, port = create_server("127.0.0.1", 0, warm=False, max_workers=2)
+        return server, f"127.0.0.1:{port}"
+
+    try:
+        plot(args.target, args.losses, args.param, args.output, args.targets,
+             start_server=start_server)
+    except PlotError as err:
+        print(f"lossgrad plot: {err}", file=sys.stderr)
+        return 2
+    except (LossgradError, plugin.PluginError, OSError) as err:
+        print(f"lossgrad plot: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _compile() -> int:

@@ -1,0 +1,353 @@
+"""Plugin losses: the example package in examples/plugin, installed with pip into a
+folder on PYTHONPATH, served by a real ``lossgrad serve`` subprocess and called through
+the real client; and the loader's checks of broken plugins.
+
+The Fair loss reference below is written from its formula, apart from the plugin:
+l = c^2 (u - log(1 + u)), u = |p - y| / c (XGBoost's and LightGBM's ``fair`` objective).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import reference as ref
+from lossgrad import catalog
+from lossgrad.plugin import Loss, Param, PluginReport, load
+from lossgrad.plugin import _prepare_all as prepare_all
+from lossgrad_client import InvalidArgumentError, LossClient
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
+from test_cli import READY_LINE, READY_TIMEOUT_S, STOP_TIMEOUT_S, _readline
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plugin"
+
+# A second distribution, next to the example, whose loss takes a built-in name.
+BROKEN_MODULE = """\
+from lossgrad.plugin import Loss
+
+
+def twice(x, y):
+    return 2.0 * (x - y), 2.0
+
+
+CLASH = Loss("mse", twice, "takes the name of a built-in loss")
+"""
+
+
+def fair_reference(p: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    r = np.asarray(p, np.float64) - np.asarray(y, np.float64)
+    u = np.abs(r) / c
+    return c * c * (u - np.log1p(u))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the example plugin, installed by pip (offline, no dependencies),
+    and a broken plugin distribution."""
+    root = tmp_path_factory.mktemp("plugins")
+    source = root / "src"
+    shutil.copytree(EXAMPLE, source)  # the build writes into its source folder
+    target = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+         "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
+        check=True, capture_output=True, text=True, timeout=300)
+    (target / "lossgrad_broken.py").write_text(BROKEN_MODULE)
+    info = target / "lossgrad_broken-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lossgrad-broken\n"
+                                   "Version: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[lossgrad.losses]\nclash = lossgrad_broken:CLASH\n")
+    return target
+
+
+def _env(site: Path, **extra: str) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, **extra}
+
+
+@pytest.fixture(scope="module")
+def served(site: Path) -> Iterator[str]:
+    """The address of ``lossgrad serve --plugin-errors skip`` with both plugins installed;
+    stopped with SIGTERM at the end, which must exit 0."""
+    log = site.parent / "serve.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lossgrad", "serve", "--port", "0", "--plugin-errors",
+             "skip"], stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env={**os.environ, **_env(site)})
+    try:
+        assert proc.stdout is not None
+        line = _readline(proc.stdout, READY_TIMEOUT_S).rstrip("\n")
+        match = READY_LINE.match(line)
+        assert match, f"unexpected first line {line!r}; stderr:\n{log.read_text()}"
+        yield f"{match.group(1)}:{match.group(2)}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(STOP_TIMEOUT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT_S)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def client(served: str) -> Iterator[LossClient]:
+    with LossClient(served, timeout=60) as c:
+        yield c
+
+
+# --- through a real server ----------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_listed_with_its_origin(client: LossClient) -> None:
+    losses = {info.name: info for info in client.list_losses()}
+    fair = losses["fair"]
+    assert fair.origin == "plugin"
+    assert fair.aliases == ("fair_loss",)
+    assert fair.plugin is not None
+    assert fair.plugin.entry_point == "fair = lossgrad_fair:LOSSES"
+    assert (fair.plugin.distribution, fair.plugin.version) == ("lossgrad-fair", "0.1.0")
+    c = fair.param("c")
+    assert c is not None and c.type == "double" and c.default == 1.0
+    assert (c.minimum, c.minimum_inclusive, c.maximum) == (0.0, False, None)
+    assert fair.predictions.kind == "values" and not fair.class_axis_last
+    assert losses["mse"].origin == "builtin" and losses["mse"].plugin is None
+    assert len(losses) == len(catalog.LOSSES) + 1  # the broken plugin is left out
+
+
+@pytest.mark.e2e
+def test_broken_plugin_is_skipped_and_reported(served: str) -> None:
+    with grpc.insecure_channel(served) as channel:
+        info = pb_grpc.LossServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(),
+                                                              timeout=60)
+    status = info.features.plugins
+    assert [s.entry_point for s in status.loaded] == ["fair = lossgrad_fair:LOSSES"]
+    assert [f.source.entry_point for f in status.failed] == ["clash = lossgrad_broken:CLASH"]
+    assert status.failed[0].source.distribution == "lossgrad-broken"
+    assert "mse" in status.failed[0].error and "already taken" in status.failed[0].error
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_values_and_gradient_match_the_reference(client: LossClient, dtype: type,
+                                                 reduction: str) -> None:
+    rng = np.random.default_rng(3)
+    p = (rng.standard_normal((6, 5)) * 3).astype(dtype)
+    y = rng.standard_normal((6, 5)).astype(dtype)
+    w = rng.uniform(0.0, 2.0, 6)
+    c = 1.5
+    result = client.compute_gradient("fair", p, y, reduction=reduction, sample_weight=w, c=c)
+    weights = ref.position_weights(w, p.shape)
+    per = fair_reference(p, y, c) * weights
+    expected = ref.reduce(per, weights, reduction)
+    rtol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(result.loss, expected, rtol=rtol, atol=rtol)
+    # d/dp of the weighted per-position loss: w r / (1 + |r| / c), scaled for MEAN.
+    r = p.astype(np.float64) - y
+    grad = weights * r / (1 + np.abs(r) / c)
+    if reduction == "mean":
+        grad /= weights.sum()
+    assert result.gradient.dtype == dtype and result.gradient.shape == p.shape
+    np.testing.assert_allclose(result.gradient, grad, rtol=rtol * 10, atol=rtol)
+    assert result.weight_sum == pytest.approx(weights.sum())
+
+
+@pytest.mark.e2e
+def test_gradient_matches_central_differences(client: LossClient) -> None:
+    """The server's own per-position values at p +- h: each depends on its element only."""
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(50) * 4
+    y = rng.standard_normal(50)
+    h = 1e-6
+    up = client.compute_loss("fair_loss", p + h, y, reduction="none", c=0.7).loss
+    down = client.compute_loss("fair_loss", p - h, y, reduction="none", c=0.7).loss
+    numeric = (np.asarray(up) - np.asarray(down)) / (2 * h)
+    grad = client.compute_gradient("fair_loss", p, y, reduction="sum", c=0.7).gradient
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.e2e
+def test_default_parameter_and_parallel_path(client: LossClient) -> None:
+    """c defaults to 1; above the parallel threshold the same bits come back every call
+    and the per-position values still match the reference."""
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(70_000)
+    y = np.zeros(70_000)
+    first = client.compute_gradient("fair", p, y, reduction="sum")
+    again = client.compute_gradient("fair", p, y, reduction="sum", c=1.0)
+    assert first.loss == again.loss
+    assert np.array_equal(first.gradient, again.gradient)
+    assert first.loss == pytest.approx(math.fsum(fair_reference(p, y, 1.0)), rel=1e-12)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("params", "field", "reason"), [
+    ({"c": 0.0}, "params.c", "PARAMETER_OUT_OF_RANGE"),
+    ({"c": -2}, "params.c", "PARAMETER_OUT_OF_RANGE"),
+    ({"c": math.inf}, "params.c", "PARAMETER_OUT_OF_RANGE"),
+    ({"c": True}, "params.c", "PARAMETER_OUT_OF_RANGE"),
+    ({"c": [1.0, 2.0]}, "params.c", "PARAMETER_OUT_OF_RANGE"),
+    ({"delta": 1.0}, "params.delta", "UNKNOWN_PARAMETER"),
+    ({"cc": 1.0}, "params.cc", "UNKNOWN_PARAMETER"),
+])
+def test_bad_parameters_are_invalid_argument(client: LossClient, params: dict[str, object],
+                                             field: str, reason: str) -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        client.compute_loss("fair", [1.0, 2.0], [0.0, 0.0], **params)
+    assert info.value.field == field and info.value.reason == reason
+
+
+@pytest.mark.e2e
+def test_plugin_inputs_get_the_built_in_checks(client: LossClient) -> None:
+    for kwargs, field, reason in [
+        ({"predictions": [1.0, math.nan], "targets": [0.0, 0.0]}, "predictions.data[1]",
+         "NONFINITE_INPUT"),
+        ({"predictions": [1.0, 2.0], "targets": [0.0]}, "targets.shape", "SHAPE_MISMATCH"),
+        ({"predictions": [1.0], "targets": [0.0], "sample_weight": [-1.0]},
+         "sample_weight.data[0]", "VALUE_OUT_OF_RANGE"),
+    ]:
+        with pytest.raises(InvalidArgumentError) as info:
+            client.compute_loss("fair", **kwargs)
+        assert (info.value.field, info.value.reason) == (field, reason)
+    assert client.compute_loss("fair", [1.0], [0], c=2).loss == pytest.approx(
+        float(fair_reference(np.array([1.0]), np.array([0.0]), 2.0)[0]))
+
+
+def test_typed_and_by_name_duplicate_is_rejected(served: str) -> None:
+    """The raw message the client never builds: a parameter both typed and by name."""
+    params = pb.LossParams(delta=1.0)
+    params.by_name["delta"].double_value = 2.0
+    tensor = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT64, shape=[1], data=np.zeros(1).tobytes())
+    request = pb.ComputeLossRequest(loss="huber", predictions=tensor, targets=tensor,
+                                    params=params)
+    with grpc.insecure_channel(served) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.LossServiceStub(channel).ComputeLoss(request, timeout=60)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "params.by_name['delta']" in str(info.value.details())
+
+
+# --- failing fast ---------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_a_clash_stops_the_server_with_a_clear_message(site: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lossgrad", "serve", "--port", "0"],
+        env={**os.environ, **_env(site)}, capture_output=True, text=True,
+        timeout=READY_TIMEOUT_S)
+    assert done.returncode == 1
+    assert "serving on" not in done.stdout
+    assert "'clash = lossgrad_broken:CLASH' (lossgrad-broken 0.1.0)" in done.stderr
+    assert "'mse' already taken" in done.stderr or "mse already taken" in done.stderr
+    assert "LOSSGRAD_PLUGIN_ERRORS=skip" in done.stderr
+
+
+def test_losses_command_lists_the_plugin(site: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lossgrad", "losses"],
+        env={**os.environ, **_env(site, LOSSGRAD_PLUGIN_ERRORS="skip")}, capture_output=True,
+        text=True, timeout=READY_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert "fair: plugin fair = lossgrad_fair:LOSSES (lossgrad-fair 0.1.0)" in done.stdout
+    assert "c=1.0 in (0, inf)" in done.stdout
+    assert "clash = lossgrad_broken:CLASH" in done.stderr  # logged, then skipped
+
+
+# --- the loader's checks, in process (nothing is registered) ---------------------------------
+
+def _module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def _failure(name: str, value: str) -> str:
+    prepared, failed = prepare_all([metadata.EntryPoint(name, value, "lossgrad.losses")])
+    assert not prepared and len(failed) == 1
+    return failed[0].error
+
+
+HEADER = "from lossgrad.plugin import Input, Loss, Param\n"
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("X = 3\n", "must be a lossgrad.plugin.Loss or a non-empty list"),
+    ("def f(x, y):\n    return x, y\nX = Loss('Bad-Name', f, 'd')\n", "must match"),
+    ("def f(x, y):\n    return x, y\nX = Loss('ok', f, '')\n", "needs a description"),
+    ("def f(x, y):\n    return x, y\nX = Loss('ok', f, 'd', params=(Param('c', 1.0, 'd'),))\n",
+     "takes 2 arguments; it must take (x, y, c)"),
+    ("def f(x, y, c):\n    return x, y\n"
+     "X = Loss('ok', f, 'd', params=(Param('c', 0.0, 'd', minimum=0.0, "
+     "minimum_inclusive=False),))\n", "bad default"),
+    ("def f(x, y, c):\n    return x, y\n"
+     "X = Loss('ok', f, 'd', params=(Param('delta', True, 'd', type='bool'),))\n",
+     "LossParams.delta is a double field"),
+    ("def f(x, y):\n    return x, y\nX = Loss('ok', f, 'd', predictions=Input('probabilities'))\n",
+     "kind 'probabilities' is not one of"),
+    ("def f(x, y):\n    return x, y\nX = Loss('ok', lambda x, y: (x, y), 'd')\n",
+     "top level of its module"),
+    ("def f(x, y):\n    return x, y\nX = [Loss('ok', f, 'd', aliases=('ok',))]\n",
+     "already taken"),
+    ("def f(x, y):\n    return undefined_name(x), y\nX = Loss('ok', f, 'd')\n",
+     "TypingError"),
+])
+def test_broken_plugins_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     body: str, message: str) -> None:
+    name = f"lossgrad_case_{abs(hash(body)) % 10**8}"
+    _module(tmp_path, monkeypatch, name, HEADER + body)
+    assert message in _failure("case", f"{name}:X")
+
+
+def test_missing_module_is_reported() -> None:
+    assert "ModuleNotFoundError" in _failure("gone", "lossgrad_no_such_module:X")
+
+
+def test_a_loss_object_is_accepted_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _module(tmp_path, monkeypatch, "lossgrad_case_single", HEADER + """
+def half(x, y):
+    r = x - y
+    return 0.5 * r * r, r
+HALF = Loss("half_squared_case", half, "0.5 r^2")
+""")
+    prepared, failed = prepare_all(
+        [metadata.EntryPoint("half", "lossgrad_case_single:HALF", "lossgrad.losses")])
+    assert not failed
+    assert [spec.name for spec in prepared[0].specs] == ["half_squared_case"]
+    assert prepared[0].specs[0].plugin is not None
+
+
+def test_load_is_done_once_per_process() -> None:
+    """The conftest server loaded the (absent) plugins; later settings change nothing."""
+    first = load()
+    assert isinstance(first, PluginReport)
+    assert load(enabled=False, errors="skip") is first
+
+
+def test_plugin_names_must_be_new() -> None:
+    assert "mse" in catalog.taken_names()
+    with pytest.raises(ValueError, match="already taken by the built-in loss 'mse'"):
+        catalog.register(catalog.LossSpec(
+            "mse", catalog.Layout.ELEMENTWISE, "d", "r", catalog.LOSSES[0].predictions,
+            catalog.LOSSES[0].targets))
+
+
+def test_param_checks_use_the_request_rules() -> None:
+    """Param and Loss are plain data: nothing is checked until load."""
+    p = Param("c", 1.0, "d")
+    assert (p.type, p.minimum) == ("double", None)
+    assert Loss("x", print, "d").predictions.kind == "values"
+
