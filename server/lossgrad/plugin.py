@@ -229,7 +229,7 @@ def _prepare_all(found: Sequence[metadata.EntryPoint]
         try:
             item = _prepare(ep, source, taken)
         except Exception as err:  # noqa: BLE001 - any failure of plugin code is reported
-            failed.append(PluginFailure(source, _first_line(err)))
+            failed.append(PluginFailure(source, _summary(err)))
             continue
         for spec in item.specs:
             taken.update((spec.name, *spec.aliases))
@@ -237,7 +237,8 @@ def _prepare_all(found: Sequence[metadata.EntryPoint]
     return prepared, failed
 
 
-def _first_line(err: BaseException) -> str:
+def _summary(err: BaseException) -> str:
+    """The error's type and its first lines (numba's typing errors run to pages)."""
     text = str(err).strip() or type(err).__name__
     lines = [line for line in text.splitlines() if line.strip()]
     return f"{type(err).__name__}: " + " | ".join(lines[:4])
