@@ -196,6 +196,23 @@ def test_default_parameter_and_parallel_path(client: LossClient) -> None:
 
 
 @pytest.mark.e2e
+def test_streamed_in_chunks_gives_the_same_bits(served: str) -> None:
+    """ComputeStream runs the plugin's driver chunk by chunk; the sum continues across
+    chunks, so the result is that of one message."""
+    rng = np.random.default_rng(6)
+    p = rng.standard_normal((300, 100))
+    y = rng.standard_normal((300, 100))
+    w = rng.uniform(0.0, 1.0, 300)
+    with LossClient(served, timeout=60, stream_chunk_bytes=64 * 1024) as small_chunks:
+        whole = small_chunks.compute_gradient("fair", p, y, sample_weight=w, c=0.5,
+                                              stream=False)
+        streamed = small_chunks.compute_gradient("fair", p, y, sample_weight=w, c=0.5,
+                                                 stream=True)
+    assert streamed.loss == whole.loss
+    assert np.array_equal(streamed.gradient, whole.gradient)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize(("params", "field", "reason"), [
     ({"c": 0.0}, "params.c", "PARAMETER_OUT_OF_RANGE"),
     ({"c": -2}, "params.c", "PARAMETER_OUT_OF_RANGE"),
