@@ -79,9 +79,10 @@ def _env(site: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(site: Path) -> Iterator[str]:
+def served(site: Path, server_address: str) -> Iterator[str]:
     """The address of ``lossgrad serve --plugin-errors skip`` with both plugins installed;
-    stopped with SIGTERM at the end, which must exit 0."""
+    stopped with SIGTERM at the end, which must exit 0. The session's server has compiled
+    the built-in kernels into numba's cache first, so this start only loads them."""
     log = site.parent / "serve.log"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
