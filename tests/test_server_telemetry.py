@@ -116,7 +116,8 @@ def test_get_server_info(served: tuple[LossServer, str]) -> None:
                                                               timeout=30)
     assert info.version == lossgrad.__version__
     assert list(info.supported_dtypes) == [pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT64,
-                                           pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64]
+                                           pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64,
+                                           pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16]
     assert info.limits.max_message_bytes == 256 * 1024 * 1024
     assert (info.limits.max_elements, info.limits.max_concurrent_rpcs) == (0, 0)
     assert info.features.reflection and info.features.metrics
