@@ -23,9 +23,11 @@ import grpc
 import numpy as np
 import pytest
 import reference as ref
-from lossgrad import catalog
+from lossgrad import catalog, compute
+from lossgrad.engine import run_elementwise_kernel
 from lossgrad.plugin import Loss, Param, PluginReport, load
 from lossgrad.plugin import _prepare_all as prepare_all
+from lossgrad.request import prepare
 from lossgrad_client import InvalidArgumentError, LossClient
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
@@ -346,6 +348,35 @@ HALF = Loss("half_squared_case", half, "0.5 r^2")
     assert not failed
     assert [spec.name for spec in prepared[0].specs] == ["half_squared_case"]
     assert prepared[0].specs[0].plugin is not None
+
+
+@pytest.mark.parametrize("n", [1000, 70_000])  # serial, then parallel (>= PARALLEL_MIN)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plugin_driver_gives_the_built_in_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               n: int, dtype: type) -> None:
+    """The same math as mse, as a plugin: the driver around it is the built-in one, so
+    the loss, the gradient and the per-position values are the same bits."""
+    _module(tmp_path, monkeypatch, "lossgrad_case_square", HEADER + """
+from lossgrad.plugin import fconst
+def square(x, y):
+    r = x - y
+    return r * r, fconst(x, 2.0) * r
+SQUARE = Loss("square_case", square, "r^2")
+""")
+    prepared, failed = prepare_all(
+        [metadata.EntryPoint("square", "lossgrad_case_square:SQUARE", "lossgrad.losses")])
+    assert not failed
+    driver, names = prepared[0].drivers[0]
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(n).astype(dtype)
+    y = rng.standard_normal(n).astype(dtype)
+    w = rng.uniform(0.0, 2.0, n)
+    for reduction in ("none", "mean"):
+        batch = prepare("mse", x, y, reduction, w, False, {})
+        mine = run_elementwise_kernel(batch, True, driver, ())
+        built_in = compute("mse", x, y, reduction=reduction, sample_weight=w)
+        assert np.array_equal(np.asarray(mine.loss), np.asarray(built_in.loss))
+        assert np.array_equal(mine.gradient, built_in.gradient)
 
 
 def test_load_is_done_once_per_process() -> None:
