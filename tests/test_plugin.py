@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import reference as ref
 from lossgrad import catalog, compute
+from lossgrad._proto.inference import grpc_predict_v2_pb2 as kpb
+from lossgrad._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from lossgrad.engine import run_elementwise_kernel
 from lossgrad.plugin import Loss, Param, PluginReport, load
 from lossgrad.plugin import _prepare_all as prepare_all
@@ -213,6 +215,28 @@ def test_streamed_in_chunks_gives_the_same_bits(served: str) -> None:
                                                  stream=True)
     assert streamed.loss == whole.loss
     assert np.array_equal(streamed.gradient, whole.gradient)
+
+
+@pytest.mark.e2e
+def test_a_kserve_model_too(served: str, client: LossClient) -> None:
+    """The Open Inference Protocol API serves every loss of the catalog as a model."""
+    rng = np.random.default_rng(8)
+    p = rng.standard_normal((4, 3))
+    y = rng.standard_normal((4, 3))
+    request = kpb.ModelInferRequest(model_name="fair_loss")
+    for name, array in (("PREDICTIONS", p), ("TARGETS", y)):
+        request.inputs.add(name=name, datatype="FP64", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    request.parameters["c"].double_param = 0.5
+    with grpc.insecure_channel(served) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(kpb.ModelReadyRequest(name="fair"), timeout=60).ready
+        response = stub.ModelInfer(request, timeout=60)
+    outputs = {out.name: np.frombuffer(raw, np.float64) for out, raw in
+               zip(response.outputs, response.raw_output_contents, strict=True)}
+    native = client.compute_gradient("fair", p, y, c=0.5)
+    assert outputs["LOSS"][0] == native.loss
+    assert np.array_equal(outputs["GRADIENT"], native.gradient.reshape(-1))
 
 
 @pytest.mark.e2e

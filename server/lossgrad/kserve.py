@@ -192,7 +192,8 @@ def method_handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandle
 
 def _models() -> dict[str, LossSpec]:
     """Every name a model answers to: each loss's name and its aliases."""
-    return {name: spec for spec in catalog.LOSSES for name in (spec.name, *spec.aliases)}
+    return {name: spec for spec in catalog.all_losses()  # plugin losses included
+            for name in (spec.name, *spec.aliases)}
 
 
 def _check_model(name: str, version: str) -> LossSpec:
