@@ -191,6 +191,20 @@ def test_float32_tiny_probability_gradient_is_finite(loss, p, t):
     assert r.gradient.ravel()[0] < 0.0
 
 
+@pytest.mark.parametrize(("loss", "p", "t", "params", "want"), [
+    ("binary_cross_entropy", [1e-40, 0.5], [0.0, 0.0], {}, [1.0, 2.0]),
+    ("categorical_cross_entropy", [[1e-40, 1.0]], [[0.0, 1.0]], {}, [[0.0, -1.0]]),
+    ("sparse_categorical_cross_entropy", [[1e-40, 1.0]], [1],
+     {"label_smoothing": 0.2, "class_weight": [0.0, 1.0]}, [[0.0, -0.9]]),  # -(0.8 + 0.2 / 2)
+], ids=("bce", "cce", "sparse"))
+def test_float32_tiny_probability_with_zero_weight_has_zero_gradient(loss, p, t, params, want):
+    # A term weighted 0 (target 0, class weight 0) at a live log: 0 * (1/p), not
+    # 0 * inf = NaN, although 1/p overflows float32.
+    t = np.asarray(t) if loss == "sparse_categorical_cross_entropy" else np.float32(t)
+    r = compute(loss, np.asarray(p, dtype=np.float32), t, reduction="sum", **params)
+    np.testing.assert_allclose(r.gradient, np.asarray(want, np.float32), rtol=1e-6)
+
+
 # ---------------------------------------------------------------- nothing counts
 
 def test_sparse_all_ignored():

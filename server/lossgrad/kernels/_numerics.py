@@ -356,11 +356,16 @@ def clip(v, lo, hi):  # type: ignore[no-untyped-def]
 
 @inline
 def clog(v):  # type: ignore[no-untyped-def]
-    """(log v floored at -100, its derivative): 1/v where the floor is not active, else 0."""
+    """(log v floored at -100, its derivative): 1/v where the floor is not active, else 0.
+
+    1/v is saturated at the largest finite value: in float32 it overflows below
+    v ~ 2.9e-39, above the floor, and a term weighted 0 (a zero target) must stay 0,
+    not 0 * inf = NaN."""
     lv = flog(v)
     floor = fconst(v, LOG_FLOOR)
     active = not (lv <= floor)  # NaN stays NaN
-    return (lv if active else floor), (fconst(v, 1.0) / v if active else fconst(v, 0.0))
+    return (lv if active else floor), (saturate(fconst(v, 1.0) / v, v) if active
+                                       else fconst(v, 0.0))
 
 
 @inline
