@@ -44,6 +44,7 @@ def xgboost_builtin(params: dict[str, Any], margin: np.ndarray, label: float,
 
 BUILTINS = [
     ("reg:squarederror", {}, "mse", {"scale": 0.5}),
+    ("reg:pseudohubererror", {"huber_slope": 1.5}, "pseudo_huber", {"delta": 1.5}),
     ("binary:logistic", {}, "binary_cross_entropy", {"from_logits": True}),
     ("multi:softprob", {"num_class": K}, "sparse_categorical_cross_entropy",
      {"from_logits": True, "hessian_scale": 2.0}),
@@ -58,7 +59,7 @@ def test_gradient_and_hessian_equal_xgboost_builtin(client: LossClient, builtin,
     n = 12
     multi = builtin.startswith("multi")
     margins = rng.normal(0, 1.5, (n, K) if multi else n)
-    if builtin == "reg:squarederror":
+    if builtin.startswith("reg:"):
         labels = margins + rng.choice([-1, 1], n) * rng.uniform(0.3, 2.0, n)  # g != 0
     elif multi:
         labels = rng.integers(0, K, n).astype(np.float64)
@@ -81,6 +82,7 @@ def _synthetic(n: int = 300) -> dict[str, Any]:
     return {
         "x": x,
         "reg:squarederror": x @ rng.normal(size=5) + rng.normal(size=n),
+        "reg:pseudohubererror": x @ rng.normal(size=5) + rng.standard_t(2, size=n),
         "binary:logistic": (x[:, 0] + x[:, 2] ** 2 + rng.normal(size=n) > 1).astype(float),
         "multi:softprob": classes.astype(float),
         "weight": rng.uniform(0.5, 2.0, n),
@@ -103,7 +105,8 @@ def test_xgboost_training_matches_builtin(client: LossClient, builtin, extra, lo
                            base_margin=np.zeros((n, width)))
 
     remote = objective(client, loss, **kwargs)
-    mine = xgb.train({**params, "disable_default_eval_metric": 1}, dmatrix(), 10, obj=remote)
+    custom = {k: v for k, v in params.items() if k != "huber_slope"}  # a built-in's parameter
+    mine = xgb.train({**custom, "disable_default_eval_metric": 1}, dmatrix(), 10, obj=remote)
     theirs = xgb.train({**params, "objective": builtin}, dmatrix(), 10)
     ours, expected = (b.predict(dmatrix(), output_margin=True) for b in (mine, theirs))
     assert remote.calls == 10 and ours.shape == expected.shape

@@ -25,6 +25,7 @@ for the other class losses, and reshaped to the predictions for elementwise loss
 Matching the built-in objectives (the server's ``hessian`` modes are in ``LossInfo``):
 
 - ``reg:squarederror`` / LightGBM ``regression`` (r^2 / 2): ``"mse"`` with ``scale=0.5``;
+- ``reg:pseudohubererror``: ``"pseudo_huber"`` with ``delta=huber_slope``;
 - ``binary:logistic`` / LightGBM ``binary``: ``"binary_cross_entropy"`` with
   ``from_logits=True`` (the default ``hessian="clipped"`` floors s (1 - s) at 1e-16, as
   XGBoost does; LightGBM has no floor);
