@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -32,6 +32,7 @@ from .errors import MISSING_FIELD, DeadlineExceededError, InvalidArgumentError
 from .status import abort
 
 SERVICE_NAME = "lossgrad.v1.LossService"
+T = TypeVar("T")
 
 _KINDS = {kind: pb.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in catalog.InputKind}
 _PARAM_TYPES = {t: pb.ParamType.Value(f"PARAM_TYPE_{t.name}") for t in catalog.ParamType}
@@ -94,7 +95,7 @@ class LossService:
         self, requests: Iterator[StreamRequest | WireError], context: grpc.ServicerContext
     ) -> Iterator[StreamResponse]:
         try:
-            messages = _checked(_prefetched(requests), context)
+            messages = _checked(_ahead(requests, "lossgrad-stream-receive"), context)
             first = next(messages, None)
             if first is None or first.header is None:
                 raise InvalidArgumentError("header", "the first message must carry the header",
@@ -102,7 +103,7 @@ class LossService:
             call = stream.StreamCall(first.header, max_elements=self._max_stream_elements,
                                      max_chunks=self._max_stream_chunks)
             yield call.ready()
-            yield from call.run(messages)
+            yield from _ahead(call.run(messages), "lossgrad-stream-compute")
         except Exception as err:
             abort(context, err, "ComputeStream")
 
@@ -164,41 +165,50 @@ def _checked(messages: Iterator[StreamRequest | WireError],
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("", "the deadline passed during the stream")
         yield message
+        del message  # not held while the next one is received
 
 
-def _prefetched(requests: Iterator[Any], depth: int = 1) -> Iterator[Any]:
-    """Read the next messages on a thread of their own while the caller computes, so that
-    receiving overlaps computing; at most ``depth`` read-ahead messages are held."""
-    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+_ITEM, _END, _ERROR = range(3)
+_DONE = object()
+
+
+def _ahead(items: Iterator[T], name: str, depth: int = 1) -> Iterator[T]:
+    """``items`` produced on a thread of their own, at most ``depth`` ahead of the one the
+    caller holds: the next chunk is received while this one is computed, and computed
+    while gRPC sends this one's gradient. The producer's exception is raised here; when
+    the caller stops, the producer stops before its next item."""
+    slots = threading.Semaphore(depth)
+    ahead: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
     stop = threading.Event()
 
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pump() -> None:
+    def produce() -> None:
         try:
-            for message in requests:
-                if not put(("message", message)):
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
-            put(("end", None))
-        except Exception as err:  # the call was cancelled or its deadline passed
-            put(("error", err))
+                item = next(items, _DONE)
+                if item is _DONE:
+                    ahead.put((_END, None))
+                    return
+                ahead.put((_ITEM, item))
+                del item  # only the caller holds it now
+        except Exception as err:  # the call was cancelled or failed: raised to the caller
+            ahead.put((_ERROR, err))
 
-    threading.Thread(target=pump, name="lossgrad-stream-read", daemon=True).start()
+    threading.Thread(target=produce, name=name, daemon=True).start()
     try:
         while True:
             kind, item = ahead.get()
-            if kind == "end":
+            if kind == _END:
                 return
-            if kind == "error":
+            if kind == _ERROR:
                 raise item
+            slots.release()
             yield item
+            del item
     finally:
         stop.set()
 

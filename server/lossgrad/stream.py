@@ -146,6 +146,9 @@ class StreamCall:
         self.total = 0.0  # running sum of w * loss, in block order
         self.divisor = float(self.positions)
         self.hinge_seen: dict[float, int] = {}  # label (0 or -1) -> first absolute index
+        self._units_done = 0  # units (elements or class rows) fed to _feed so far
+        self._carry: dict[str, np.ndarray] | None = None  # less than one block, copied
+        self._carry_start = 0
 
     def _check_header(self) -> None:
         """The unary validation, run on one row of each declared tensor (zeros)."""
@@ -185,32 +188,14 @@ class StreamCall:
                 done, _ = self._account(stats, chunk, done)
             self.divisor = stats.weight_sum
         stats = _Stats()
-        carry: dict[str, np.ndarray] | None = None
-        carry_start = done = units_done = 0
+        done = 0
         while done < self.rows:
             chunk = self._next(messages, done, weights_only=False)
             done, flat_w = self._account(stats, chunk, done)
-            final = done == self.rows
-            units = self._units(chunk, flat_w)
-            start = units_done
-            units_done += next(iter(units.values())).shape[0]
-            if carry is not None:  # complete the carried block first
-                take = min(self.block_units - (start - carry_start), units_done - start)
-                joined = {k: np.concatenate((carry[k], v[:take])) for k, v in units.items()}
-                units = {k: v[take:] for k, v in units.items()}
-                start += take
-                if start - carry_start < self.block_units and not final:
-                    carry = joined
-                    continue
-                carry = None
-                yield from self._piece(joined, carry_start)
-            n = units_done - start
-            aligned = n if final else n - n % self.block_units
-            if aligned:
-                yield from self._piece({k: v[:aligned] for k, v in units.items()}, start)
-            if aligned < n:  # copied: the chunk's message is released after this turn
-                carry = {k: v[aligned:].copy() for k, v in units.items()}
-                carry_start = start + aligned
+            responses = self._feed(self._units(chunk, flat_w), final=done == self.rows)
+            del chunk, flat_w  # the chunk's message is released before the next arrives
+            while responses:  # popped, so that no sent gradient stays referenced here
+                yield responses.pop(0)
         if next(messages, None) is not None:
             raise InvalidArgumentError(f"chunk[{self.chunks}]", "sent after the last row",
                                        MALFORMED_STREAM)
@@ -331,8 +316,35 @@ class StreamCall:
                                        f"{flat[bad]!r}: weights must be finite and >= 0",
                                        VALUE_OUT_OF_RANGE)
 
-    def _piece(self, arrays: dict[str, np.ndarray], start: int) -> Iterator[_wire.StreamResponse]:
-        """Run units [start, start + len), which begin on a block boundary."""
+    def _feed(self, units: dict[str, np.ndarray], final: bool) -> list[_wire.StreamResponse]:
+        """Run a chunk's units: first the carried block completed, then the part that
+        ends on a block boundary (all of it in the ``final`` chunk); the rest is carried."""
+        start = self._units_done
+        self._units_done += next(iter(units.values())).shape[0]
+        responses: list[_wire.StreamResponse] = []
+        if self._carry is not None:  # complete the carried block first
+            carry, carry_start = self._carry, self._carry_start
+            take = min(self.block_units - (start - carry_start), self._units_done - start)
+            joined = {k: np.concatenate((carry[k], v[:take])) for k, v in units.items()}
+            units = {k: v[take:] for k, v in units.items()}
+            start += take
+            if start - carry_start < self.block_units and not final:
+                self._carry = joined
+                return responses
+            self._carry = None
+            responses += self._piece(joined, carry_start)
+        n = self._units_done - start
+        aligned = n if final else n - n % self.block_units
+        if aligned:
+            responses += self._piece({k: v[:aligned] for k, v in units.items()}, start)
+        if aligned < n:  # copied: the chunk's message is released after this turn
+            self._carry = {k: v[aligned:].copy() for k, v in units.items()}
+            self._carry_start = start + aligned
+        return responses
+
+    def _piece(self, arrays: dict[str, np.ndarray], start: int) -> list[_wire.StreamResponse]:
+        """Run units [start, start + len), which begin on a block boundary: no response
+        or one, with the piece's gradient and/or per-position losses."""
         try:
             batch = request.prepare_resolved(
                 self.spec, dict(self.params), self.reduction, arrays["predictions"],
@@ -346,11 +358,12 @@ class StreamCall:
             raise self._absolute(err, start) from None
         self.total = result.total
         losses = result.loss if isinstance(result.loss, np.ndarray) else None
-        if result.gradient is not None or losses is not None:
-            yield _wire.StreamResponse(
-                gradient=None if result.gradient is None else wire.encode_tensor(
-                    result.gradient.reshape(-1)),
-                losses=None if losses is None else wire.encode_tensor(losses.reshape(-1)))
+        if result.gradient is None and losses is None:
+            return []
+        return [_wire.StreamResponse(
+            gradient=None if result.gradient is None else wire.encode_tensor(
+                result.gradient.reshape(-1)),
+            losses=None if losses is None else wire.encode_tensor(losses.reshape(-1)))]
 
     def _check_hinge_labels(self, t: np.ndarray, start: int) -> None:
         """{0, 1} in one piece and {-1, 1} in another are as invalid as in one request."""
