@@ -1,12 +1,13 @@
 """Run the lossgrad benchmarks and write bench/RESULTS.md (overwriting it).
 
-    python bench/run.py [--quick] [--only SECTION]
+    python bench/run.py [--quick] [--only SECTION] [--stream-shape BxSxV]
 
 Sections: engine (in-process against NumPy, PyTorch and a copy floor), parallel (serial
 against parallel kernels, same bits), e2e (through gRPC against a bare echo server, with
 default and tuned glibc malloc), concurrency (two large requests at once), memory (server
 peak RSS per request size), sidecar (a co-located client through shared memory against
-local PyTorch). ``--quick`` uses fewer repetitions and skips the largest inputs. Exits 1
+local PyTorch), stream (language-model logits through ComputeStream: throughput, server and
+client peak RSS). ``--quick`` uses fewer repetitions and skips the largest inputs. Exits 1
 if a correctness check failed. With ``--only``, the sections run replace their namesakes
 in an existing RESULTS.md and the others are kept.
 """
@@ -41,7 +42,7 @@ from servers import MALLOC_ENV, child_env
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar")
+SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar", "stream")
 CHILD_TIMEOUT_S = 600
 # Before each section, wait at most this long for other processes to leave the CPUs idle.
 QUIET_WAIT_S = {False: 20.0, True: 2.0}  # by --quick
@@ -56,6 +57,7 @@ TITLES = {
     "concurrency": "4. Two large requests at once",
     "memory": "5. Server peak memory per request size",
     "sidecar": "6. Co-located sidecar: shared memory against local PyTorch",
+    "stream": "7. Language-model logits through ComputeStream",
 }
 
 E2E_NOTE = """\
@@ -100,13 +102,18 @@ def _service_child(section: str, quick: bool, malloc_tuned: bool,
 
 def _service_child_once(section: str, quick: bool, malloc_tuned: bool,
                         untuned_server: bool) -> tuple[str, list[str]]:
+    args = [str(HERE / "service_bench.py"), "--section", section]
+    args += ["--untuned-server"] if untuned_server else []
+    return _child(section, args, quick, child_env(malloc_tuned))
+
+
+def _child(section: str, args: list[str], quick: bool,
+           env: dict[str, str]) -> tuple[str, list[str]]:
+    """Run a bench script that writes ``{"markdown", "problems"}`` to ``--out``."""
     with tempfile.TemporaryDirectory(prefix="lossgrad-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        args = [sys.executable, str(HERE / "service_bench.py"), "--section", section,
-                "--out", str(out)] + (["--quick"] if quick else [])
-        args += ["--untuned-server"] if untuned_server else []
-        done = subprocess.run(args, env=child_env(malloc_tuned), timeout=CHILD_TIMEOUT_S,
-                              check=False)
+        args = [sys.executable, *args, "--out", str(out)] + (["--quick"] if quick else [])
+        done = subprocess.run(args, env=env, timeout=CHILD_TIMEOUT_S, check=False)
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"{section} child failed with exit status {done.returncode}")
         result = json.loads(out.read_text())
@@ -184,6 +191,14 @@ def _sidecar(quick: bool) -> tuple[str, list[str]]:
     return sidecar_bench.run(quick)
 
 
+stream_shape: str | None = None  # --stream-shape
+
+
+def _stream(quick: bool) -> tuple[str, list[str]]:
+    shape = ["--shape", stream_shape] if stream_shape else []
+    return _child("stream", [str(HERE / "stream_bench.py"), *shape], quick, child_env(True))
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "engine": _engine,
     "parallel": _parallel,
@@ -191,8 +206,9 @@ RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "concurrency": _concurrency,
     "memory": _memory,
     "sidecar": _sidecar,
+    "stream": _stream,
 }
-NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar"}
+NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar", "stream"}
 
 
 def _command() -> str:
@@ -262,7 +278,13 @@ def main() -> int:
                         help="fewer repetitions, no 1.6e7 / 2048x32000 inputs (~2 min)")
     parser.add_argument("--only", choices=SECTIONS, action="append",
                         help="run only this section (repeatable)")
+    parser.add_argument("--stream-shape", metavar="BxSxV",
+                        help="logits shape of the stream section (default 8x2048x32000: "
+                             "2 GiB, about 7 GiB of client memory; 1x1024x32000 with "
+                             "--quick)")
     args = parser.parse_args()
+    global stream_shape
+    stream_shape = args.stream_shape
     selected = [s for s in SECTIONS if not args.only or s in args.only]
 
     command = _command()
