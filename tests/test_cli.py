@@ -14,11 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+import grpc
 import pytest
 from lossgrad import LOSSES
 from lossgrad.cli import main
 from lossgrad.server import create_server
 from lossgrad_client import InvalidArgumentError, LossClient, ResourceExhaustedError
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
 
 # The first start may compile every kernel (numba caches them for later starts).
 READY_TIMEOUT_S = 300.0
@@ -146,6 +149,28 @@ def test_serve_reads_its_options_from_the_environment(start: Callable[..., Serve
         assert len(client.list_losses()) == len(LOSSES)
         with pytest.raises(ResourceExhaustedError):  # LOSSGRAD_MAX_MESSAGE_BYTES=65536
             client.compute_loss("mse", [0.0] * 10_000, [0.0] * 10_000)
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(STOP_TIMEOUT_S) == 0
+
+
+@pytest.mark.e2e
+def test_serve_takes_the_stream_limits(start: Callable[..., Served]) -> None:
+    """--max-stream-chunks on the command line, LOSSGRAD_MAX_STREAM_ELEMENTS from the
+    environment: both in GetServerInfo, and both enforced on a ComputeStream call."""
+    served = start("--port", "0", "--max-stream-chunks", "3",
+                   env={"LOSSGRAD_MAX_STREAM_ELEMENTS": "1000"})
+    with grpc.insecure_channel(served.address) as channel:
+        limits = pb_grpc.LossServiceStub(channel).GetServerInfo(
+            pb.GetServerInfoRequest(), timeout=60).limits
+    assert (limits.max_stream_elements, limits.max_stream_chunks) == (1000, 3)
+    with LossClient(served.address, timeout=60, stream_chunk_bytes=80) as client:
+        with pytest.raises(ResourceExhaustedError) as too_big:  # 2 x 501 elements
+            client.compute_loss("mse", [0.0] * 501, [0.0] * 501, stream=True)
+        with pytest.raises(InvalidArgumentError) as too_many:  # 5 float64 rows a chunk
+            client.compute_loss("mse", [0.0] * 40, [0.0] * 40, stream=True)
+        assert client.compute_loss("mse", [1.0] * 15, [0.0] * 15, stream=True).loss == 1.0
+    assert too_big.value.reason == "TOO_MANY_ELEMENTS"
+    assert (too_many.value.reason, too_many.value.field) == ("TOO_MANY_CHUNKS", "chunk[3]")
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(STOP_TIMEOUT_S) == 0
 

@@ -21,6 +21,7 @@ from .server import (
     TlsConfig,
     serve,
 )
+from .service import DEFAULT_MAX_STREAM_CHUNKS
 from .telemetry import JsonFormatter
 
 _ENV_HOST = "LOSSGRAD_HOST"
@@ -28,6 +29,8 @@ _ENV_PORT = "LOSSGRAD_PORT"
 _ENV_MAX_WORKERS = "LOSSGRAD_MAX_WORKERS"
 _ENV_MAX_MESSAGE_BYTES = "LOSSGRAD_MAX_MESSAGE_BYTES"
 _ENV_MAX_ELEMENTS = "LOSSGRAD_MAX_ELEMENTS"
+_ENV_MAX_STREAM_ELEMENTS = "LOSSGRAD_MAX_STREAM_ELEMENTS"
+_ENV_MAX_STREAM_CHUNKS = "LOSSGRAD_MAX_STREAM_CHUNKS"
 _ENV_MAX_CONCURRENT_RPCS = "LOSSGRAD_MAX_CONCURRENT_RPCS"
 _ENV_MAX_CONNECTION_AGE = "LOSSGRAD_MAX_CONNECTION_AGE_SECONDS"
 _ENV_GRACE = "LOSSGRAD_GRACE_SECONDS"
@@ -107,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
                        default=env(_ENV_MAX_ELEMENTS, "0"),
                        help="most tensor elements one request may declare, 0 for no limit "
                             f"(env {_ENV_MAX_ELEMENTS}; default %(default)s)")
+    serve.add_argument("--max-stream-elements", type=_non_negative_int,
+                       default=env(_ENV_MAX_STREAM_ELEMENTS, "0"),
+                       help="most tensor elements one ComputeStream call may declare in its "
+                            "header, 0 for no limit (env "
+                            f"{_ENV_MAX_STREAM_ELEMENTS}; default %(default)s)")
+    serve.add_argument("--max-stream-chunks", type=_positive_int,
+                       default=env(_ENV_MAX_STREAM_CHUNKS, str(DEFAULT_MAX_STREAM_CHUNKS)),
+                       help="most chunk messages in one ComputeStream call, weight pass "
+                            f"included (env {_ENV_MAX_STREAM_CHUNKS}; default %(default)s)")
     serve.add_argument("--max-concurrent-rpcs", type=_non_negative_int,
                        default=env(_ENV_MAX_CONCURRENT_RPCS, "0"),
                        help="most calls in progress or queued; more get RESOURCE_EXHAUSTED "
@@ -340,6 +352,8 @@ def _serve(args: argparse.Namespace) -> int:
         serve(args.host, args.port, max_workers=args.max_workers,
               max_message_bytes=args.max_message_bytes,
               max_elements=args.max_elements or None,
+              max_stream_elements=args.max_stream_elements or None,
+              max_stream_chunks=args.max_stream_chunks,
               max_concurrent_rpcs=args.max_concurrent_rpcs or None,
               max_connection_age_s=args.max_connection_age_seconds or None,
               health_port=args.health_port or None, reflection=args.reflection,
