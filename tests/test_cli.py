@@ -33,7 +33,11 @@ def test_losses_lists_every_loss(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["losses"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "ALIASES", "PREDICTIONS", "TARGETS", "PARAMS"]
+    assert lines[0].split() == ["NAME", "ALIASES", "PREDICTIONS", "TARGETS", "HESSIAN",
+                                "PARAMS"]
+    rmse = next(line for line in lines if line.startswith("rmse "))
+    assert rmse.split()[-2:] == ["exact", "-"]  # the Hessian modes, then the params
+    assert "exact/clipped/constant" in next(line for line in lines if line.startswith("mse "))
     first_words = [line.split()[0] for line in lines[1:] if line and not line[0].isspace()]
     assert first_words == [spec.name for spec in LOSSES]
     for alias in ("l1", "l2", "sigmoid_cross_entropy"):

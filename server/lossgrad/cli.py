@@ -379,13 +379,14 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 def format_catalog(losses: Sequence[catalog.LossSpec]) -> str:
     """Render the catalog as a text table: one row per loss, one line per parameter."""
-    header = ("NAME", "ALIASES", "PREDICTIONS", "TARGETS", "PARAMS")
+    header = ("NAME", "ALIASES", "PREDICTIONS", "TARGETS", "HESSIAN", "PARAMS")
     rows: list[tuple[str, ...]] = []
     for spec in losses:
         params = [_format_param(p) for p in spec.params] or ["-"]
+        hessian = "/".join(m.value for m in spec.hessian_modes) or "-"
         rows.append((spec.name, ", ".join(spec.aliases) or "-", _format_input(spec.predictions),
-                     _format_input(spec.targets), params[0]))
-        rows.extend(("", "", "", "", extra) for extra in params[1:])
+                     _format_input(spec.targets), hessian, params[0]))
+        rows.extend(("", "", "", "", "", extra) for extra in params[1:])
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
