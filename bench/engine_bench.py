@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import lossgrad
 import numpy as np
@@ -14,6 +17,7 @@ from cases import Case, bce_logits, dense_ce, huber, inputs, kl_log, mse, sparse
 from measure import Timing, calmly, fmt_ms, fmt_ratio, interleaved, table
 from reference_torch import LOSSES as TORCH_LOSSES
 from reference_torch import TorchStep
+from servers import child_env
 
 TORCH_THREADS = 2
 # Largest relative difference accepted before a row is flagged: the loss against
@@ -148,6 +152,27 @@ def measure_loss_only(case: Case, b: Budget) -> LossOnlyRow:
                        torch_forward=t["torch"], read_floor=t["floor"])
 
 
+def hessian_cases() -> list[Case]:
+    return [mse(10**6, "float64"), bce_logits(10**6), sparse_ce(4096, 1000)]
+
+
+@dataclass(frozen=True)
+class HessianRow:
+    case: Case
+    gradient: Timing
+    with_hessian: Timing
+
+
+def measure_hessian(case: Case, b: Budget) -> HessianRow:
+    """The same call with and without the diagonal Hessian (its own kernels)."""
+    x, y = inputs(case)
+    t = interleaved({
+        "gradient": lambda: lossgrad.compute(case.loss, x, y, **case.params),
+        "hessian": lambda: lossgrad.compute(case.loss, x, y, hessian="clipped", **case.params),
+    }, budget_s=b.seconds, min_reps=b.min_reps, max_reps=b.max_reps)
+    return HessianRow(case=case, gradient=t["gradient"], with_hessian=t["hessian"])
+
+
 def _p50_p90(t: Timing) -> str:
     return f"{fmt_ms(t.ms(50))} / {fmt_ms(t.ms(90))}"
 
@@ -162,7 +187,7 @@ NAMES = {
 }
 
 
-def render(rows: list[Row], loss_only: list[LossOnlyRow]) -> str:
+def render(rows: list[Row], loss_only: list[LossOnlyRow], hessian: str = "") -> str:
     header = ["loss", "size", "dtype", "lossgrad ms", "NumPy ms", "PyTorch ms",
               "copy floor ms", "copy floor, fresh out ms", "torch / lossgrad",
               "lossgrad / floor", "reps", "loss rel. diff vs torch", "grad diff",
@@ -186,7 +211,28 @@ def render(rows: list[Row], loss_only: list[LossOnlyRow]) -> str:
     body2 = [[NAMES[r.case.family], r.case.size_label, _p50_p90(r.lossgrad),
               _p50_p90(r.lossgrad_with_gradient), _p50_p90(r.torch_forward),
               fmt_ms(r.read_floor.ms())] for r in loss_only]
-    return text + table(header2, body2)
+    return text + table(header2, body2) + hessian
+
+
+def render_hessian(rows: list[HessianRow]) -> str:
+    header = ["loss", "size", "dtype", "gradient ms", "gradient + Hessian ms",
+              "with / without"]
+    body = [[NAMES[r.case.family], r.case.size_label, r.case.dtype, _p50_p90(r.gradient),
+             _p50_p90(r.with_hessian), fmt_ratio(r.with_hessian.ms() / r.gradient.ms())]
+            for r in rows]
+    return ("\nThe gradient with the diagonal Hessian (`hessian=\"clipped\"`, its own "
+            "kernels) against the gradient alone, in a child process whose glibc malloc keeps "
+            "freed blocks as `lossgrad serve` tunes it (untuned, the second output array "
+            "defeats glibc's adaptive thresholds and each call pays page faults):\n\n"
+            + table(header, body))
+
+
+def hessian_section(quick: bool) -> str:
+    """The Hessian table, measured in a child process with the server's malloc tuning."""
+    args = [sys.executable, str(Path(__file__)), "--hessian"] + (["--quick"] if quick else [])
+    done = subprocess.run(args, env=child_env(True), capture_output=True, text=True,
+                          timeout=600, check=True)
+    return done.stdout
 
 
 METHOD = """\
@@ -237,6 +283,7 @@ def run(quick: bool) -> tuple[str, list[str]]:
         gc.collect()
     loss_only = [calmly(lambda c=case: measure_loss_only(c, b), max_wait_s=b.quiet_wait_s,
                         attempts=b.attempts)[0] for case in loss_only_cases()]
+    hessian = hessian_section(quick)
     problems = [f"{r.case.loss} {r.case.size_label} {r.case.dtype}: loss rel. diff "
                 f"{r.loss_diff:.2e}, grad diff {r.grad_diff:.2e}, numpy diff {r.numpy_diff:.2e}"
                 for r in rows if not r.ok]
@@ -245,4 +292,11 @@ def run(quick: bool) -> tuple[str, list[str]]:
                            tol32=TOLERANCE["float32"], tol64=TOLERANCE["float64"],
                            ntol32=NUMPY_TOLERANCE["float32"], quiet=b.quiet_wait_s,
                            attempts=b.attempts)
-    return method + "\n" + render(rows, loss_only), problems
+    return method + "\n" + render(rows, loss_only, hessian), problems
+
+
+if __name__ == "__main__" and "--hessian" in sys.argv:
+    _b = budget("--quick" in sys.argv)
+    sys.stdout.write(render_hessian([
+        calmly(lambda c=case: measure_hessian(c, _b), max_wait_s=_b.quiet_wait_s,
+               attempts=_b.attempts)[0] for case in hessian_cases()]))
