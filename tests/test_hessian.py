@@ -365,6 +365,37 @@ def test_serial_and_parallel_give_the_same_bits():
     np.testing.assert_allclose(outs[0][2], p * (1 - p) / n, rtol=1e-12)
 
 
+def test_rows_serial_and_parallel_give_the_same_bits():
+    """Row kernels past PARALLEL_MIN elements: the same bits on one thread or several,
+    and the gradient of the gradient-only path."""
+    rng = np.random.default_rng(12)
+    rows = PARALLEL_MIN // C + 77
+    x = rng.normal(size=(rows, C)).astype(np.float32)
+    q = _softmax(rng.normal(size=(rows, C))).astype(np.float32)
+    y = rng.integers(0, C, rows)
+    bounds, empty = np.array([0.01, np.inf]), np.empty(0)
+    dense, sparse = [], []
+    for parallel in (False, True):
+        grad, hess = np.empty_like(x), np.empty_like(x)
+        total = second_order.dense_rows(x, q, empty, np.empty(0, np.float32), grad, hess,
+                                        1.0, 0, 0.1, bounds, True, parallel)  # CCE_LOGITS
+        dense.append((total, grad, hess))
+        grad, hess = np.empty_like(x), np.empty_like(x)
+        total = second_order.sparse_rows(x, y, empty, np.asarray(CLASS_WEIGHT), np.empty(
+            0, np.float32), grad, hess, 1.0, 2, 0.1, 0, bounds, True, parallel)  # logits
+        sparse.append((total, grad, hess))
+    for serial, threaded in (dense, sparse):
+        assert serial[0] == threaded[0]
+        np.testing.assert_array_equal(serial[1], threaded[1])
+        np.testing.assert_array_equal(serial[2], threaded[2])
+    params = {"from_logits": True, "class_weight": CLASS_WEIGHT, "label_smoothing": 0.1,
+              "ignore_index": 2}
+    plain = compute("sparse_categorical_cross_entropy", x, y, **params)
+    with_h = compute("sparse_categorical_cross_entropy", x, y, hessian="clipped", **params)
+    np.testing.assert_array_equal(with_h.gradient, plain.gradient)
+    assert with_h.loss == plain.loss
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "field", "reason"), [
