@@ -155,3 +155,51 @@ def test_request_id_comes_back_with_an_error_status_too(served: tuple[LossServer
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert trailing["x-request-id"] == "err-42"
     assert trailing["lossgrad-error-reason"] == "MISSING_FIELD"  # no predictions were sent
+
+
+@pytest.mark.e2e
+def test_a_stream_is_one_observed_call(served: tuple[LossServer, str],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """ComputeStream calls are counted, timed and logged once each, by the loss of their
+    header, with the elements of every chunk (both passes); GetServerInfo counts them."""
+    server, address = served
+    assert server.metrics_port is not None
+    x = np.zeros((4, 5), np.float32)
+    logits = np.zeros((6, 3), np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    with caplog.at_level(logging.INFO, logger="lossgrad.access"), \
+            LossClient(address, timeout=30, stream_chunk_bytes=48) as client:
+        client.compute_gradient("l2", x, x, stream=True)  # 2 rows a chunk: 2 chunks
+        client.compute_gradient("sparse_categorical_cross_entropy", logits, labels,
+                                stream=True, ignore_index=1)  # a weight pass first
+        with pytest.raises(InvalidArgumentError):
+            client.compute_loss("sparse_categorical_cross_entropy", logits, labels + 1,
+                                stream=True)
+    samples = _scrape(server.metrics_port)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    mse = {"method": "ComputeStream", "loss": "mse"}
+    sce = {"method": "ComputeStream", "loss": "sparse_categorical_cross_entropy"}
+    assert value("lossgrad_requests_total", code="OK", **mse) == 1
+    assert value("lossgrad_elements_total", **mse) == 40
+    assert value("lossgrad_tensor_bytes_total", **mse) == 160
+    assert value("lossgrad_request_duration_seconds_count", **mse) == 1
+    assert value("lossgrad_requests_total", code="OK", **sce) == 1
+    assert value("lossgrad_requests_total", code="INVALID_ARGUMENT", **sce) == 1
+    assert value("lossgrad_request_errors_total", code="INVALID_ARGUMENT", **sce) == 1
+    # The OK call: labels in the weight pass, then logits and labels (30). The failed one
+    # stops at the label out of range, in its second chunk: its first (2 rows: 8
+    # elements) and what the server had read ahead of it are counted.
+    assert 30 + 8 <= value("lossgrad_elements_total", **sce) <= 30 + 24
+    assert value("lossgrad_in_flight_requests", method="ComputeStream") == 0
+    assert server.telemetry.loss_counts() == {"mse": (1, 0),
+                                              "sparse_categorical_cross_entropy": (2, 1)}
+    lines = [r.fields for r in caplog.records  # type: ignore[attr-defined]
+             if r.name == "lossgrad.access"]
+    assert [(f["method"], f["loss"], f["code"]) for f in lines] == [
+        ("ComputeStream", "mse", "OK"),
+        ("ComputeStream", "sparse_categorical_cross_entropy", "OK"),
+        ("ComputeStream", "sparse_categorical_cross_entropy", "INVALID_ARGUMENT")]
+    assert lines[0]["elements"] == 40 and len(lines[0]["request_id"]) == 32

@@ -293,11 +293,7 @@ def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None
             lambda method: refused.labels(method, TOO_MANY_CONCURRENT_CALLS).inc()))
     server = grpc.server(pool, interceptors=interceptors, options=options)
     handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            telemetry.observe(name, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None else handler
+        name: _observed(telemetry, name, handler)
         for name, handler in method_handlers(
             LossService(max_elements=max_elements, server_info=server_info,
                         max_stream_elements=server_info.limits.max_stream_elements or None,
@@ -338,7 +334,12 @@ def _add_kserve(server: grpc.Server, health: HealthServicer, telemetry: Telemetr
 
 def _observed(telemetry: Telemetry, name: str,
               handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A unary handler whose calls are measured and logged."""
+    """A unary or stream-stream handler whose calls are measured and logged."""
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            telemetry.observe_stream(name, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(
         telemetry.observe(name, handler.unary_unary),
         request_deserializer=handler.request_deserializer,

@@ -6,7 +6,9 @@ WARNING for one that failed, so that the logger's level chooses between every ca
 calls only (``lossgrad serve``'s default: a line per call costs about as much as the
 metrics and the handler together at small sizes), or none.
 
-:meth:`Telemetry.observe` wraps a unary handler. Labels are bounded: ``method`` is one of
+:meth:`Telemetry.observe` wraps a unary handler, :meth:`Telemetry.observe_stream` a
+stream-stream one (ComputeStream: one call, one access line, the elements of every chunk
+counted as they arrive, the loss named by the header). Labels are bounded: ``method`` is one of
 the service's methods, ``loss`` a catalog name (``unknown`` for a name the catalog does not
 know, empty for calls without one) and ``code`` a gRPC status code name.
 """
@@ -18,11 +20,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
-from lossgrad_client._wire import ComputeRequest
+from lossgrad_client._wire import ComputeRequest, StreamRequest, Tensor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import catalog
@@ -99,6 +101,37 @@ class Telemetry:
 
         return observed
 
+    def observe_stream(
+        self, method: str,
+        behavior: Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]],
+    ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]:
+        """Wrap a stream-stream ``behavior`` so that each call is measured and logged
+        once, when it ends (finished, failed, or cancelled by the client)."""
+        in_flight = self.in_flight.labels(method)
+
+        def observed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            start = time.perf_counter()
+            request_id = _request_id(context)
+            tally = _StreamTally()
+            in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                yield from behavior(tally.counted(requests), context)
+            except GeneratorExit:  # gRPC stopped asking for responses: the call is over
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                aborted = context.code()  # set by context.abort
+                code = aborted if isinstance(aborted, grpc.StatusCode) else \
+                    grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                in_flight.dec()
+                self._record(method, tally.loss, code, time.perf_counter() - start,
+                             tally.elements, tally.nbytes, request_id)
+
+        return observed
+
     def _record(self, method: str, loss: str, code: grpc.StatusCode, elapsed: float,
                 elements: int, nbytes: int, request_id: str) -> None:
         key = (method, loss, code)
@@ -142,6 +175,43 @@ class _Series(NamedTuple):
     bytes: Any
 
 
+class _StreamTally:
+    """The loss (from the header) and the tensor elements and bytes of a stream's
+    messages, counted as the handler reads them."""
+
+    def __init__(self) -> None:
+        self.loss = ""
+        self.elements = 0
+        self.nbytes = 0
+
+    def counted(self, requests: Iterator[Any]) -> Iterator[Any]:
+        for message in requests:
+            if isinstance(message, StreamRequest):
+                if message.header is not None:
+                    self.loss = _loss_label(message.header.loss)
+                elements, nbytes = _tensor_sizes(
+                    (message.predictions, message.targets, message.sample_weight))
+                self.elements += elements
+                self.nbytes += nbytes
+            elif isinstance(message, Exception) and not self.loss:  # malformed
+                self.loss = "unknown"
+            yield message
+            del message  # not held while the next one is received
+
+
+def _tensor_sizes(tensors: tuple[Tensor | None, ...]) -> tuple[int, int]:
+    """(elements from the declared shapes, data bytes) of the tensors that are set."""
+    elements = nbytes = 0
+    for tensor in tensors:
+        if tensor is not None:
+            count = 1
+            for dim in tensor.shape:
+                count *= max(dim, 0)
+            elements += count
+            nbytes += memoryview(tensor.data).nbytes
+    return elements, nbytes
+
+
 def _request_id(context: grpc.ServicerContext) -> str:
     """The caller's x-request-id (printable ASCII, at most 128 characters), or a new one;
     sent back in the trailing metadata (which goes out with the status, while initial
@@ -163,16 +233,9 @@ def _describe(request: Any) -> tuple[str, int, int]:
         return _describe_infer(request)
     if not isinstance(request, ComputeRequest):  # ListLosses, or a malformed message
         return ("" if not isinstance(request, Exception) else "unknown"), 0, 0
-    loss = _loss_label(request.loss)
-    elements = nbytes = 0
-    for tensor in (request.predictions, request.targets, request.sample_weight):
-        if tensor is not None:
-            count = 1
-            for dim in tensor.shape:
-                count *= max(dim, 0)
-            elements += count
-            nbytes += memoryview(tensor.data).nbytes
-    return loss, elements, nbytes
+    elements, nbytes = _tensor_sizes((request.predictions, request.targets,
+                                      request.sample_weight))
+    return _loss_label(request.loss), elements, nbytes
 
 
 _ITEMSIZES = {"FP32": 4, "FP64": 8, "INT32": 4, "INT64": 8}
