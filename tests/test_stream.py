@@ -228,3 +228,50 @@ def test_server_info_announces_streaming(small_server: str) -> None:
         info = pb_grpc.LossServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest())
     assert info.features.streaming and info.limits.max_stream_chunks == 1000
     assert {pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16} <= set(info.supported_dtypes)
+
+
+def _weighted_3d() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 6, 5)).astype(np.float32)
+    t = rng.standard_normal((4, 6, 5)).astype(np.float32)
+    classes = rng.integers(0, 5, (4, 6))
+    return x, t, classes, rng.uniform(0, 2, (4, 6, 5))
+
+
+@pytest.mark.parametrize(("loss", "weights"), [
+    ("mse", lambda w: w), ("mse", lambda w: w[:, 0, 0]),
+    ("sparse_categorical_cross_entropy", lambda w: w[:, :, 0]),
+    ("sparse_categorical_cross_entropy", lambda w: w[:, 0, 0]),
+], ids=["mse per element", "mse per batch row", "sce per position", "sce per batch row"])
+def test_3d_weights_the_unary_call_takes(small_server: str, loss: str, weights: Any) -> None:
+    """The client merges (batch, sequence) into rows; per-position and batch-axis
+    weights of 3-D predictions give the unary call's bits."""
+    x, t, classes, w = _weighted_3d()
+    targets = classes if loss.startswith("sparse") else t
+    kw = {"from_logits": True} if loss.startswith("sparse") else {}
+    with _client(small_server, 100) as client:
+        unary = client.compute_gradient(loss, x, targets, sample_weight=weights(w),
+                                        stream=False, **kw)
+        streamed = client.compute_gradient(loss, x, targets, sample_weight=weights(w),
+                                           stream=True, **kw)
+    assert np.array_equal(unary.gradient, streamed.gradient)
+    assert unary.loss == streamed.loss and unary.weight_sum == streamed.weight_sum
+
+
+@pytest.mark.parametrize(("loss", "weights"), [
+    ("mse", lambda w: w[:, :, 0]),  # (batch, sequence): neither batch axis nor per element
+    ("sparse_categorical_cross_entropy", lambda w: w),  # per element, not per position
+], ids=["mse per (batch, sequence)", "sce per element"])
+def test_3d_weights_the_unary_call_refuses(small_server: str, loss: str, weights: Any) -> None:
+    """The catalog's rule (weights per batch row or per position; PyTorch broadcasts no
+    other leading shape either) holds for the stream too, with the unary error."""
+    x, t, classes, w = _weighted_3d()
+    targets = classes if loss.startswith("sparse") else t
+    errors = []
+    with _client(small_server, 100) as client:
+        for stream in (False, True):
+            with pytest.raises(InvalidArgumentError) as info:
+                client.compute_loss(loss, x, targets, sample_weight=weights(w), stream=stream)
+            errors.append((info.value.reason, info.value.field, str(info.value)))
+    assert errors[0] == errors[1]
+    assert errors[0][:2] == ("SHAPE_MISMATCH", "sample_weight.shape")

@@ -117,6 +117,9 @@ class StreamPlan:
             declared = getattr(header, name)
             declared.dtype = getattr(request, name).dtype
             declared.shape.extend(array.shape)
+        if w is not None and self.arrays["predictions"].shape != x.shape:  # axes merged
+            header.given_predictions_shape.extend(x.shape)
+            header.given_sample_weight_shape.extend(w.shape)
         self.header = StreamRequest(header=header)
 
     def messages(self) -> Iterator[StreamRequest]:

@@ -327,19 +327,14 @@ def _sample_weight(value: Any, x: np.ndarray, position_shape: tuple[int, ...]) -
         raise InvalidArgumentError(
             "sample_weight.dtype", f"{w.dtype} is not supported; use float32 or float64",
             UNSUPPORTED_DTYPE)
-    batch = (x.shape[0],)
+    check_weight_shape(w.shape, x.shape, position_shape)
     if w.shape == position_shape:
         flat = w.reshape(-1)
-    elif w.shape == batch:
+    else:
         flat = w
         inner = math.prod(position_shape[1:])
         if inner > 1:
             flat = np.repeat(w, inner)
-    else:
-        raise InvalidArgumentError(
-            "sample_weight.shape",
-            f"{w.shape} must be {batch} (batch axis) or the per-position shape {position_shape}",
-            SHAPE_MISMATCH)
     flat = np.ascontiguousarray(flat, dtype=np.float64)
     bad, _, _, _ = nm.weight_stats(flat, 0, 0.0, 0.0)
     if bad >= 0:
@@ -347,6 +342,16 @@ def _sample_weight(value: Any, x: np.ndarray, position_shape: tuple[int, ...]) -
             f"sample_weight.data[{_source_index(bad, w.shape, position_shape)}]",
             f"{flat[bad]!r}: weights must be finite and >= 0", VALUE_OUT_OF_RANGE)
     return flat
+
+
+def check_weight_shape(shape: tuple[int, ...], x_shape: tuple[int, ...],
+                       position_shape: tuple[int, ...]) -> None:
+    """Sample weights are per batch row or per position (ComputeStream checks the shapes
+    the caller gave here too, before its client merged axes into rows)."""
+    if shape != position_shape and shape != x_shape[:1]:
+        raise InvalidArgumentError(
+            "sample_weight.shape", f"{shape} must be {x_shape[:1]} (batch axis) or the "
+            f"per-position shape {position_shape}", SHAPE_MISMATCH)
 
 
 def _source_index(flat_index: int, given: tuple[int, ...], position_shape: tuple[int, ...]) -> int:

@@ -113,6 +113,7 @@ class StreamCall:
             raise ResourceExhaustedError(
                 "header", f"the tensors declare {total} elements; the limit is "
                 f"{max_elements} per stream (--max-stream-elements)", TOO_MANY_ELEMENTS)
+        self._check_given_shapes(header)
         self._check_header()
         x = self.decl["predictions"]
         self.sparse = self.spec.layout is Layout.SPARSE_ROWS
@@ -149,6 +150,21 @@ class StreamCall:
         self._units_done = 0  # units (elements or class rows) fed to _feed so far
         self._carry: dict[str, np.ndarray] | None = None  # less than one block, copied
         self._carry_start = 0
+
+    def _check_given_shapes(self, header: pb.ComputeStreamHeader) -> None:
+        """The weights' shape as the caller gave it (before the client merged the leading
+        axes into rows) gets the unary check: rows of (batch, sequence) weights are not
+        per-element weights of (batch, sequence, features) predictions."""
+        x = tuple(header.given_predictions_shape)
+        w = tuple(header.given_sample_weight_shape)
+        if not x or not w or "sample_weight" not in self.decl:
+            return
+        if math.prod(x) != math.prod(self.decl["predictions"].shape):
+            raise InvalidArgumentError(
+                "header.given_predictions_shape", f"{list(x)} has not the elements of the "
+                f"declared {list(self.decl['predictions'].shape)}", SHAPE_MISMATCH)
+        class_axis = self.spec.layout is not Layout.ELEMENTWISE
+        request.check_weight_shape(w, x, x[:-1] if class_axis else x)
 
     def _check_header(self) -> None:
         """The unary validation, run on one row of each declared tensor (zeros)."""

@@ -822,6 +822,8 @@ class ComputeStreamHeader(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     ALLOW_NONFINITE_FIELD_NUMBER: _builtins.int
     GRADIENT_FIELD_NUMBER: _builtins.int
+    GIVEN_PREDICTIONS_SHAPE_FIELD_NUMBER: _builtins.int
+    GIVEN_SAMPLE_WEIGHT_SHAPE_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """Loss name or alias from ListLosses."""
     reduction: Global___Reduction.ValueType
@@ -846,6 +848,19 @@ class ComputeStreamHeader(_message.Message):
     def params(self) -> Global___LossParams:
         """Loss parameters."""
 
+    @_builtins.property
+    def given_predictions_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The predictions' shape as the caller gave it, when the client merged its leading
+        axes into the declared rows; empty: as declared. With sample_weight_shape, it lets
+        the server check the weights' shape as ComputeLoss does.
+        """
+
+    @_builtins.property
+    def given_sample_weight_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The sample weights' shape as the caller gave it (see given_predictions_shape): the
+        batch axis, or the per-position shape.
+        """
+
     def __init__(
         self,
         *,
@@ -857,10 +872,12 @@ class ComputeStreamHeader(_message.Message):
         params: Global___LossParams | None = ...,
         allow_nonfinite: _builtins.bool = ...,
         gradient: _builtins.bool = ...,
+        given_predictions_shape: _abc.Iterable[_builtins.int] | None = ...,
+        given_sample_weight_shape: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "gradient", b"gradient", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "given_predictions_shape", b"given_predictions_shape", "given_sample_weight_shape", b"given_sample_weight_shape", "gradient", b"gradient", "loss", b"loss", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
