@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2
@@ -233,8 +234,8 @@ def _bad_requests() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, s
     x, y = _rng_case(4)
     xy = {"PREDICTIONS": x, "TARGETS": y}
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    fp16 = infer_request("mse", xy)
-    fp16.inputs[0].datatype = "FP16"
+    uint8 = infer_request("mse", xy)
+    uint8.inputs[0].datatype = "UINT8"
     short = infer_request("mse", xy)
     short.raw_input_contents[1] = y.tobytes()[:-4]
     one_raw = infer_request("mse", xy)
@@ -257,7 +258,7 @@ def _bad_requests() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, s
         ("unknown input", infer_request("mse", {**xy, "LABELS": y}), invalid, "UNKNOWN_TENSOR",
          "inputs[2].name"),
         ("input twice", twice, invalid, "MALFORMED_REQUEST", "inputs[1].name"),
-        ("unsupported datatype", fp16, invalid, "UNSUPPORTED_DTYPE", "PREDICTIONS.datatype"),
+        ("unsupported datatype", uint8, invalid, "UNSUPPORTED_DTYPE", "PREDICTIONS.datatype"),
         ("integer predictions", infer_request(
             "mse", {"PREDICTIONS": x.astype(np.int32), "TARGETS": y}), invalid,
          "UNSUPPORTED_DTYPE", "PREDICTIONS.dtype"),
@@ -386,3 +387,31 @@ def test_max_elements_applies(start: Callable[..., tuple[LossServer, str]]) -> N
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert _details(info.value) == ("TOO_MANY_ELEMENTS", "request")
     assert server.telemetry.loss_counts() == {"mse": (1, 1)}
+
+
+@pytest.mark.parametrize(("datatype", "dtype"), [("FP16", np.dtype(np.float16)),
+                                                 ("BF16", np.dtype(ml_dtypes.bfloat16))])
+def test_half_precision_inputs_in_raw_contents(
+        kserve_stub: Stub, client: LossClient, datatype: str, dtype: np.dtype[Any]) -> None:
+    """FP16/BF16 predictions and targets (raw only: the protocol has no typed field for
+    them) give the native API's bits, the gradient in the predictions' datatype."""
+    x, y = (a.astype(dtype) for a in _rng_case(5))
+    request = kpb.ModelInferRequest(model_name="binary_cross_entropy")
+    request.parameters["from_logits"].bool_param = True
+    for name, array in (("PREDICTIONS", x), ("TARGETS", (y > 0).astype(dtype))):
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    out = kserve_stub.ModelInfer(request, timeout=30)
+    native = client.compute_gradient("binary_cross_entropy", x, (y > 0).astype(dtype),
+                                     from_logits=True)
+    assert [o.datatype for o in out.outputs] == ["FP64", datatype]
+    assert np.frombuffer(out.raw_output_contents[0], "<f8")[0] == native.loss
+    assert out.raw_output_contents[1] == native.gradient.tobytes()
+    typed = kpb.ModelInferRequest(model_name="mse")
+    for name in ("PREDICTIONS", "TARGETS"):
+        typed.inputs.add(name=name, datatype=datatype, shape=[2]).contents.fp32_contents.extend(
+            [1.0, 2.0])
+    with pytest.raises(grpc.RpcError) as info:
+        kserve_stub.ModelInfer(typed, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert _details(info.value) == ("UNSUPPORTED_DTYPE", "PREDICTIONS.contents")

@@ -64,11 +64,14 @@ _IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
 _IGNORED_PREFIX = "triton_"
 
 # Protocol datatype <-> (lossgrad.v1 DataType, little-endian dtype, typed contents field).
+# FP16 and BF16 have no typed contents field: they travel in raw_input_contents.
 _DATATYPES: dict[str, tuple[int, np.dtype[Any], str]] = {
     "FP32": (pb.DATA_TYPE_FLOAT32, np.dtype("<f4"), "fp32_contents"),
     "FP64": (pb.DATA_TYPE_FLOAT64, np.dtype("<f8"), "fp64_contents"),
     "INT32": (pb.DATA_TYPE_INT32, np.dtype("<i4"), "int_contents"),
     "INT64": (pb.DATA_TYPE_INT64, np.dtype("<i8"), "int64_contents"),
+    "FP16": (pb.DATA_TYPE_FLOAT16, wire.numpy_dtype("float16"), ""),
+    "BF16": (pb.DATA_TYPE_BFLOAT16, wire.numpy_dtype("bfloat16"), ""),
 }
 _DATATYPE_OF = {dtype.name: name for name, (_, dtype, _) in _DATATYPES.items()}
 # Engine field prefixes -> the protocol's names, for error fields.
@@ -276,6 +279,10 @@ def _input_tensors(request: kpb.ModelInferRequest) -> dict[str, _wire.Tensor]:
                     f"{name}.contents", "give each input in raw_input_contents or in "
                     "contents, not both")
             data: _wire.Buffer = raw[index]
+        elif not contents_field:
+            raise InvalidArgumentError(
+                f"{name}.contents", f"{tensor.datatype} has no typed contents field; send it "
+                "in raw_input_contents", UNSUPPORTED_DTYPE)
         else:
             data = _typed_contents(tensor, name, shape, dtype, contents_field)
         tensors[name] = _wire.Tensor(code, shape, data)
