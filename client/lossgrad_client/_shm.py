@@ -28,7 +28,7 @@ import secrets
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -263,12 +263,12 @@ class SharedMemoryTransport:
             assert lease is not None
             placed["losses_output"] = SharedMemoryLocation(lease.name, layout["losses"],
                                                            predictions)
-        used = {lease.name} if lease else set()
-        used.update(location.region for location in found.values() if location)
-        if out_location is not None:
-            used.add(out_location.region)
-        return Placement(replace(request, **placed), lease, [segments[n] for n in used],
-                         retired, gradient_out, segments)
+        used = {location.region for location in (*found.values(), out_location) if location}
+        if lease is not None:
+            used.add(lease.name)
+        # vars() + the constructor: dataclasses.replace costs several times more per call
+        return Placement(ComputeRequest(**{**vars(request), **placed}), lease,
+                         [segments[n] for n in used], retired, gradient_out, segments)
 
     def release(self, placement: Placement) -> None:
         """Give the call's staging segment back for the next call."""
@@ -324,7 +324,7 @@ class SharedMemoryTransport:
         view = np.frombuffer(data, np.uint8)
         if not view.size or not self._segments:
             return None
-        start = view.ctypes.data
+        start = view.__array_interface__["data"][0]  # (ndarray.ctypes is slower)
         for segment in self._segments.values():
             if segment.address <= start and start + view.size <= segment.address + segment.size:
                 return SharedMemoryLocation(segment.name, start - segment.address, view.size)
