@@ -48,6 +48,22 @@ def test_example_without_training_fails_its_check(server_address: str) -> None:
     assert done.stdout.splitlines()[-1].startswith("did not learn: final loss 0.6931")
 
 
+def test_large_logits_streams_with_a_progress_bar(server_address: str) -> None:
+    """Small logits, forced through ComputeStream in many chunks, the bar drawn at once:
+    a bar per call on stderr ending at 100%, and the step on the logits lowers the loss."""
+    done = _run("large_logits.py", server_address, "--batch", "2", "--sequence", "48",
+                "--vocabulary", "500", "--stream", "--chunk-bytes", "20000",
+                "--bar-after", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("learned: final loss"), done.stdout
+    # Read in text mode, each redraw ("\r" + the bar) is a line of its own.
+    bars = [line for line in done.stderr.splitlines() if line]
+    last = {bar.split(" [")[0]: bar for bar in bars}
+    assert list(last) == ["gradient", "loss"], done.stderr
+    assert all("] 100% " in bar for bar in last.values()), done.stderr
+    assert len(bars) > 2 * 5  # drawn chunk by chunk
+
+
 def test_every_example_is_listed() -> None:
     readme = (EXAMPLES / "README.md").read_text()
     for path in EXAMPLES.glob("*.py"):
