@@ -82,22 +82,8 @@ class Telemetry:
         in_flight = self.in_flight.labels(method)
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            start = time.perf_counter()
-            request_id = _request_id(context)
-            loss, elements, nbytes = _describe(request)
-            in_flight.inc()
-            code = grpc.StatusCode.OK
-            try:
+            with _Observed(self, method, in_flight, context, _Tally(*_describe(request))):
                 return behavior(request, context)
-            except BaseException:
-                aborted = context.code()  # set by context.abort
-                code = aborted if isinstance(aborted, grpc.StatusCode) else \
-                    grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                in_flight.dec()
-                self._record(method, loss, code, time.perf_counter() - start, elements,
-                             nbytes, request_id)
 
         return observed
 
@@ -110,25 +96,9 @@ class Telemetry:
         in_flight = self.in_flight.labels(method)
 
         def observed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            start = time.perf_counter()
-            request_id = _request_id(context)
-            tally = _StreamTally()
-            in_flight.inc()
-            code = grpc.StatusCode.OK
-            try:
+            tally = _Tally()
+            with _Observed(self, method, in_flight, context, tally):
                 yield from behavior(tally.counted(requests), context)
-            except GeneratorExit:  # gRPC stopped asking for responses: the call is over
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                aborted = context.code()  # set by context.abort
-                code = aborted if isinstance(aborted, grpc.StatusCode) else \
-                    grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                in_flight.dec()
-                self._record(method, tally.loss, code, time.perf_counter() - start,
-                             tally.elements, tally.nbytes, request_id)
 
         return observed
 
@@ -175,14 +145,16 @@ class _Series(NamedTuple):
     bytes: Any
 
 
-class _StreamTally:
-    """The loss (from the header) and the tensor elements and bytes of a stream's
-    messages, counted as the handler reads them."""
+class _Tally:
+    """A call's loss label and the tensor elements and bytes it received; a stream's are
+    counted as the handler reads its messages, the loss named by the header."""
 
-    def __init__(self) -> None:
-        self.loss = ""
-        self.elements = 0
-        self.nbytes = 0
+    __slots__ = ("loss", "elements", "nbytes")
+
+    def __init__(self, loss: str = "", elements: int = 0, nbytes: int = 0) -> None:
+        self.loss = loss
+        self.elements = elements
+        self.nbytes = nbytes
 
     def counted(self, requests: Iterator[Any]) -> Iterator[Any]:
         for message in requests:
@@ -197,6 +169,41 @@ class _StreamTally:
                 self.loss = "unknown"
             yield message
             del message  # not held while the next one is received
+
+
+class _Observed:
+    """``with _Observed(...):`` around a handler: in flight while inside, then recorded
+    with the status it ended with (OK; the code of context.abort, else UNKNOWN;
+    CANCELLED for a stream whose responses gRPC stopped reading)."""
+
+    __slots__ = ("telemetry", "method", "in_flight", "context", "tally", "start",
+                 "request_id")
+
+    def __init__(self, telemetry: Telemetry, method: str, in_flight: Any,
+                 context: grpc.ServicerContext, tally: _Tally) -> None:
+        self.telemetry, self.method, self.in_flight = telemetry, method, in_flight
+        self.context, self.tally = context, tally
+        self.start = time.perf_counter()
+        self.request_id = _request_id(context)
+
+    def __enter__(self) -> None:
+        self.in_flight.inc()
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: Any) -> None:
+        self.in_flight.dec()
+        if kind is None:
+            code = grpc.StatusCode.OK
+        elif kind is GeneratorExit:
+            code = grpc.StatusCode.CANCELLED
+        else:
+            aborted = self.context.code()  # set by context.abort
+            code = aborted if isinstance(aborted, grpc.StatusCode) else \
+                grpc.StatusCode.UNKNOWN
+        tally = self.tally
+        self.telemetry._record(self.method, tally.loss, code,
+                               time.perf_counter() - self.start, tally.elements,
+                               tally.nbytes, self.request_id)
 
 
 def _tensor_sizes(tensors: tuple[Tensor | None, ...]) -> tuple[int, int]:

@@ -76,38 +76,20 @@ def parse_request(data: Buffer) -> ComputeRequest:
 
 def parse_response(data: Buffer) -> ComputeResponse:
     """Parse a ComputeLossResponse or ComputeGradientResponse; raise WireError if malformed."""
-    try:
-        values = _Reader(data).message(_RESPONSE_FIELDS, "response")
-    except _TooManySteps:
-        message = _generated(pb.ComputeGradientResponse, data, "response")
-        values = {name: _field(message, name) for name, _ in _RESPONSE_FIELDS.values()}
-    return ComputeResponse(**values)
+    return ComputeResponse(**_values(data, _RESPONSE_FIELDS, pb.ComputeGradientResponse,
+                                     "response"))
 
 
 def parse_stream_request(data: Buffer) -> StreamRequest:
     """Parse a ComputeStreamRequest; raise WireError if malformed. Chunk data are views."""
-    try:
-        values = _Reader(data).message(_STREAM_REQUEST_FIELDS, "request")
-    except _TooManySteps:
-        message = _generated(pb.ComputeStreamRequest, data, "request")
-        return StreamRequest(**{name: _field(message, name) for name, _ in
-                                _STREAM_REQUEST_FIELDS.values()})
-    if "header" in values:
-        values["header"] = _merged(pb.ComputeStreamHeader, values["header"], "header")
-    return StreamRequest(**values)
+    return StreamRequest(**_values(data, _STREAM_REQUEST_FIELDS, pb.ComputeStreamRequest,
+                                   "request", (("header", pb.ComputeStreamHeader),)))
 
 
 def parse_stream_response(data: Buffer) -> StreamResponse:
     """Parse a ComputeStreamResponse; raise WireError if malformed."""
-    try:
-        values = _Reader(data).message(_STREAM_RESPONSE_FIELDS, "response")
-    except _TooManySteps:
-        message = _generated(pb.ComputeStreamResponse, data, "response")
-        return StreamResponse(**{name: _field(message, name) for name, _ in
-                                 _STREAM_RESPONSE_FIELDS.values()})
-    for name, cls in (("ready", pb.ComputeStreamReady), ("summary", pb.ComputeLossResponse)):
-        if name in values:
-            values[name] = _merged(cls, values[name], name)
+    values = _values(data, _STREAM_RESPONSE_FIELDS, pb.ComputeStreamResponse, "response",
+                     (("ready", pb.ComputeStreamReady), ("summary", pb.ComputeLossResponse)))
     return StreamResponse(**values)
 
 
@@ -117,6 +99,23 @@ def _merged(cls: Callable[[], Message], parts: list[memoryview], field: str) -> 
     for part in parts:
         _merge(message, part, field)
     return message
+
+
+def _values(data: Buffer, fields: dict[int, tuple[str, str]], cls: Callable[[], Message],
+            what: str, messages: tuple[tuple[str, Callable[[], Message]], ...] = ()
+            ) -> dict[str, Any]:
+    """A message's fields by name, read by :class:`_Reader` with its embedded ``messages``
+    (name, generated class) parsed; by the generated class ``cls`` instead when the
+    message has more fields than the reader walks in Python."""
+    try:
+        values = _Reader(data).message(fields, what)
+    except _TooManySteps:
+        message = _generated(cls, data, what)
+        return {name: _field(message, name) for name, _ in fields.values()}
+    for name, sub in messages:
+        if name in values:
+            values[name] = _merged(sub, values[name], name)
+    return values
 
 
 def _generated(cls: Callable[[], Message], data: Buffer, field: str) -> Any:

@@ -31,12 +31,8 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
     head = bytearray()
     if request.loss:
         _put_bytes(head, 1, request.loss.encode("utf-8"))
-    parts: list[Buffer] = [head]
-    offset = len(head)
-    for number, tensor in ((2, request.predictions), (3, request.targets),
-                           (4, request.sample_weight)):
-        if tensor is not None:
-            offset = _put_tensor(parts, offset, number, tensor, align)
+    parts = _with_tensors(head, ((2, request.predictions), (3, request.targets),
+                                 (4, request.sample_weight)), align)
     tail = bytearray()
     if request.reduction:
         _put_varint(tail, 5 << 3 | VARINT, request.reduction)
@@ -88,13 +84,8 @@ def serialize_stream_request(request: StreamRequest, *, align: bool = True) -> b
     head = bytearray()
     if request.header is not None:
         _put_bytes(head, 1, request.header.SerializeToString(deterministic=True))
-    parts: list[Buffer] = [head]
-    offset = len(head)
-    for number, tensor in ((2, request.predictions), (3, request.targets),
-                           (4, request.sample_weight)):
-        if tensor is not None:
-            offset = _put_tensor(parts, offset, number, tensor, align)
-    return b"".join(parts)
+    return b"".join(_with_tensors(head, ((2, request.predictions), (3, request.targets),
+                                         (4, request.sample_weight)), align))
 
 
 def serialize_stream_response(response: StreamResponse, *, align: bool = True) -> bytes:
@@ -102,16 +93,24 @@ def serialize_stream_response(response: StreamResponse, *, align: bool = True) -
     head = bytearray()
     if response.ready is not None:
         _put_bytes(head, 1, response.ready.SerializeToString(deterministic=True))
-    parts: list[Buffer] = [head]
-    offset = len(head)
-    for number, tensor in ((2, response.gradient), (3, response.losses)):
-        if tensor is not None:
-            offset = _put_tensor(parts, offset, number, tensor, align)
+    parts = _with_tensors(head, ((2, response.gradient), (3, response.losses)), align)
     if response.summary is not None:
         tail = bytearray()
         _put_bytes(tail, 4, response.summary.SerializeToString(deterministic=True))
         parts.append(tail)
     return b"".join(parts)
+
+
+def _with_tensors(head: bytearray, tensors: tuple[tuple[int, Tensor | None], ...],
+                  align: bool) -> list[Buffer]:
+    """The parts of a message that starts with ``head``, then has the tensor fields
+    (field number, tensor) that are set, each laid out by :func:`_put_tensor`."""
+    parts: list[Buffer] = [head]
+    offset = len(head)
+    for number, tensor in tensors:
+        if tensor is not None:
+            offset = _put_tensor(parts, offset, number, tensor, align)
+    return parts
 
 
 def _put_tensor(parts: list[Buffer], offset: int, number: int, tensor: Tensor,
