@@ -20,6 +20,9 @@ class InputKind(enum.Enum):
     CLASS_INDICES = "class_indices"
     SIGNED_LABELS = "signed_labels"
     SCORES = "scores"
+    RATES = "rates"
+    LOG_RATES = "log_rates"
+    VARIANCES = "variances"
 
 
 class ParamType(enum.Enum):
@@ -103,6 +106,8 @@ class LossSpec:
     hessian_modes: tuple[HessianMode, ...] = ()
     hessian: str = ""
     plugin: PluginSource | None = None  # None: a built-in loss
+    # A third input of the predictions' shape, where the loss takes one (gaussian_nll).
+    variance: InputSpec | None = None
 
     @property
     def class_axis_last(self) -> bool:
@@ -137,7 +142,33 @@ CLASS_WEIGHT = ParamSpec("class_weight", ParamType.DOUBLE_LIST, None,
 LOG_PREDICTIONS = ParamSpec("log_predictions", ParamType.BOOL, False,
                             "predictions are log-probabilities log q instead of q")
 
+BETA = ParamSpec("beta", ParamType.DOUBLE, 1.0,
+                 "width of the quadratic zone; 0 gives L1 (PyTorch SmoothL1Loss beta)",
+                 minimum=0.0)
+QUANTILE = ParamSpec("quantile", ParamType.DOUBLE, 0.5,
+                     "quantile level tau (scikit-learn mean_pinball_loss alpha)",
+                     minimum=0.0, minimum_inclusive=False, maximum=1.0, maximum_inclusive=False)
+LOG_INPUT = ParamSpec("log_input", ParamType.BOOL, True,
+                      "predictions are log-rates log mu instead of rates mu")
+FULL = ParamSpec("full", ParamType.BOOL, False,
+                 "add the constant term: Stirling's approximation of log(y!) where y > 1 "
+                 "(poisson_nll), 0.5 log(2 pi) (gaussian_nll)")
+POWER = ParamSpec("power", ParamType.DOUBLE, 1.5,
+                  "Tweedie power p: p <= 0 or p >= 1 (0 < p < 1 is rejected); 0 normal, "
+                  "1 Poisson, 2 gamma, 3 inverse Gaussian (scikit-learn's default is 0)")
+FOCAL_ALPHA = ParamSpec("alpha", ParamType.DOUBLE, 0.25,
+                        "weight of the positive class, 1 - alpha for the negative; negative "
+                        "turns the weighting off (torchvision)", maximum=1.0)
+SOFTMAX_FOCAL_ALPHA = ParamSpec("alpha", ParamType.DOUBLE, 0.25,
+                                "scale of the whole loss (Keras: always applied)", minimum=0.0)
+GAMMA = ParamSpec("gamma", ParamType.DOUBLE, 2.0, "focusing exponent on (1 - p_t)",
+                  minimum=0.0)
+
 _PROB_OR_LOGIT = "probabilities in [0, 1], or logits when from_logits=true"
+_CLASS_TARGETS = InputSpec(
+    InputKind.CLASS_INDICES, INDEX_DTYPES,
+    "class indices in [0, C) (or ignore_index), shape = predictions' shape without the last axis",
+)
 
 LOSSES: tuple[LossSpec, ...] = (
     LossSpec(
@@ -250,6 +281,118 @@ LOSSES: tuple[LossSpec, ...] = (
         hessian_modes=ALL_HESSIAN_MODES,
         hessian="probabilities: p_k / q_k^2, 0 where p_k = 0 or the log floor is active; "
                 "log q: 0 (linear in log q)",
+    ),
+    LossSpec(
+        "smooth_l1", Layout.ELEMENTWISE,
+        "0.5 r^2 / beta if |r| < beta else |r| - 0.5 beta, r = p - y; |r| for beta = 0",
+        "PyTorch SmoothL1Loss", _VALUES, _SAME_VALUES, params=(BETA,),
+    ),
+    LossSpec(
+        "log_cosh", Layout.ELEMENTWISE, "log cosh(p - y); gradient tanh(p - y)",
+        "Keras LogCosh (per element)", _VALUES, _SAME_VALUES,
+    ),
+    LossSpec(
+        "quantile", Layout.ELEMENTWISE,
+        "pinball loss tau max(y - p, 0) + (1 - tau) max(p - y, 0); gradient 0 at p = y",
+        "scikit-learn mean_pinball_loss", _VALUES, _SAME_VALUES, params=(QUANTILE,),
+        aliases=("pinball",),
+    ),
+    LossSpec(
+        "mape", Layout.ELEMENTWISE,
+        "100 |p - y| / max(|y|, 1e-7): a percentage",
+        "Keras MeanAbsolutePercentageError (per element)", _VALUES, _SAME_VALUES,
+    ),
+    LossSpec(
+        "msle", Layout.ELEMENTWISE,
+        "(log1p(max(p, 1e-7)) - log1p(max(y, 1e-7)))^2; gradient 0 where p <= 1e-7",
+        "Keras MeanSquaredLogarithmicError (per element)", _VALUES, _SAME_VALUES,
+    ),
+    LossSpec(
+        "poisson_nll", Layout.ELEMENTWISE,
+        "e^p - y p for log-rates (log_input), p - y log(p + 1e-8) for rates p >= 0; "
+        "full adds y log y - y + 0.5 log(2 pi y) where y > 1",
+        "PyTorch PoissonNLLLoss",
+        InputSpec(InputKind.LOG_RATES, FLOAT_DTYPES,
+                  "log-rates log mu, or rates mu >= 0 when log_input=false; any shape"),
+        InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
+                  "observed counts y, same shape as predictions (integers are converted)"),
+        params=(LOG_INPUT, FULL),
+    ),
+    LossSpec(
+        "tweedie", Layout.ELEMENTWISE,
+        "Tweedie unit deviance of the mean mu = p > 0 with power p; 0: (y - mu)^2, "
+        "1: 2 (y log(y / mu) - y + mu), 2: 2 (log(mu / y) + y / mu - 1)",
+        "scikit-learn mean_tweedie_deviance",
+        InputSpec(InputKind.RATES, FLOAT_DTYPES,
+                  "means mu > 0 (any real for power 0), any shape"),
+        InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
+                  "targets, same shape as predictions: y >= 0 for 1 <= power < 2, y > 0 for "
+                  "power >= 2, any real for power <= 0"),
+        params=(POWER,),
+    ),
+    LossSpec(
+        "gaussian_nll", Layout.ELEMENTWISE,
+        "0.5 (log v + (p - y)^2 / v), v = max(variance, 1e-6); full adds 0.5 log(2 pi); "
+        "ComputeGradient also returns the gradient w.r.t. the variance",
+        "PyTorch GaussianNLLLoss",
+        _VALUES, _SAME_VALUES, params=(FULL,),
+        variance=InputSpec(
+            InputKind.VARIANCES, FLOAT_DTYPES,
+            "variances >= 0: the predictions' shape, that shape with the last axis 1, or "
+            "without the last axis (shared along it); converted to the predictions' dtype"),
+    ),
+    LossSpec(
+        "sigmoid_focal", Layout.ELEMENTWISE,
+        "alpha_t (1 - p_t)^gamma BCE_with_logits(p, y), p_t = sigmoid(p) for y = 1",
+        "torchvision ops.sigmoid_focal_loss",
+        InputSpec(InputKind.LOGITS, FLOAT_DTYPES, "logits, any shape"),
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES + INDEX_DTYPES,
+                  "labels in [0, 1] (0/1, or soft), same shape as predictions"),
+        params=(FOCAL_ALPHA, GAMMA),
+    ),
+    LossSpec(
+        "softmax_focal", Layout.DENSE_ROWS,
+        "-alpha sum_k q_k (1 - p_k)^gamma log p_k, p = softmax over the last axis",
+        "Keras CategoricalFocalCrossentropy (from_logits=True) without the 1e-7 clip",
+        InputSpec(InputKind.LOGITS, FLOAT_DTYPES, "logits, shape (..., C), C on the last axis"),
+        InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
+                  "probability rows in [0, 1] (one-hot or soft), same shape as predictions"),
+        params=(SOFTMAX_FOCAL_ALPHA, GAMMA),
+    ),
+    LossSpec(
+        "nll", Layout.SPARSE_ROWS,
+        "-w_y lp_y for log-probabilities lp and integer class targets; optional label "
+        "smoothing as sparse_categorical_cross_entropy",
+        "PyTorch NLLLoss",
+        InputSpec(InputKind.LOG_PROBABILITIES, FLOAT_DTYPES,
+                  "log-probabilities (e.g. log_softmax output), shape (..., C), C on the last "
+                  "axis"),
+        _CLASS_TARGETS,
+        params=(IGNORE_INDEX, CLASS_WEIGHT, SMOOTHING),
+    ),
+    LossSpec(
+        "multiclass_hinge", Layout.SPARSE_ROWS,
+        "w_y max(0, 1 + max_{k != y} s_k - s_y) (Crammer-Singer) for integer class targets",
+        "optax multiclass_hinge_loss; scikit-learn hinge_loss (multiclass)",
+        InputSpec(InputKind.SCORES, FLOAT_DTYPES, "scores, shape (..., C), C on the last axis"),
+        _CLASS_TARGETS,
+        params=(IGNORE_INDEX, CLASS_WEIGHT),
+    ),
+    LossSpec(
+        "categorical_hinge", Layout.DENSE_ROWS,
+        "max(0, max_k (1 - y_k) s_k - sum_k y_k s_k + 1) over the last axis",
+        "Keras CategoricalHinge",
+        InputSpec(InputKind.SCORES, FLOAT_DTYPES, "scores, shape (..., C), C on the last axis"),
+        InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
+                  "one-hot rows (or any real values), same shape as predictions"),
+    ),
+    LossSpec(
+        "cosine_similarity", Layout.DENSE_ROWS,
+        "-cos(p, y) over the last axis, each norm floored at 1e-7 (a zero vector gives 0)",
+        "Keras CosineSimilarity",
+        InputSpec(InputKind.VALUES, FLOAT_DTYPES, "vectors, shape (..., D), D on the last axis"),
+        InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
+                  "vectors, same shape as predictions"),
     ),
 )
 

@@ -18,6 +18,7 @@ from . import catalog, plugin
 from .catalog import HessianMode, Layout, LossSpec
 from .errors import (
     INVALID_LABELS,
+    PARAMETER_OUT_OF_RANGE,
     SHARED_MEMORY_MISALIGNED,
     SHARED_MEMORY_OUT_OF_RANGE,
     InvalidArgumentError,
@@ -28,10 +29,13 @@ from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mo
 from .request import (
     FLOAT_DTYPES,
     Batch,
+    Bound,
     Reduction,
+    check_bounds,
     check_nonfinite_total,
     hessian_request,
     prepare,
+    variance_gradient,
 )
 
 __all__ = ["HessianMode", "Reduction", "Result", "compute", "run", "warmup"]
@@ -47,7 +51,8 @@ class Result:
     ``positions_counted`` the number of positions with a non-zero weight. ``total`` is
     the unreduced sum of w * loss (from ``Batch.start`` on; rmse: of w * r^2). ``hessian``
     is the diagonal Hessian (the gradient's shape, dtype, weights and scale), or None
-    when not asked for.
+    when not asked for. ``variance_gradient`` (gaussian_nll, with the gradient) is the
+    gradient w.r.t. the variance, in the variance's shape.
     """
 
     loss: float | np.ndarray
@@ -57,6 +62,7 @@ class Result:
     weight_sum: float
     total: float = 0.0
     hessian: np.ndarray | None = None
+    variance_gradient: np.ndarray | None = None
 
 
 
@@ -74,6 +80,7 @@ def compute(
     allow_nonfinite: bool = False,
     gradient_out: np.ndarray | None = None,
     losses_out: np.ndarray | None = None,
+    variance: Any = None,
     **params: Any,
 ) -> Result:
     """Compute a loss (and by default its gradient w.r.t. the predictions).
@@ -82,8 +89,9 @@ def compute(
     ``lossgrad.catalog``). Inputs are anything ``numpy.asarray`` takes. ``hessian``
     ("exact", "clipped" or "constant"; the loss's ``hessian_modes``) also returns the
     diagonal Hessian, with the gradient: ``hessian_floor`` (clipped, default 1e-16) and
-    ``hessian_constant`` (constant, default 1) set its bounds. Raises
-    ``InvalidArgumentError`` naming the field and the reason for bad input.
+    ``hessian_constant`` (constant, default 1) set its bounds. ``variance`` is the third
+    input of the losses that take one (gaussian_nll). Raises ``InvalidArgumentError``
+    naming the field and the reason for bad input.
 
     ``gradient_out`` and ``losses_out`` are optional writable byte buffers (1-D uint8,
     aligned for the predictions' dtype; shared memory in the service) that receive the
@@ -94,7 +102,7 @@ def compute(
     plugin.ensure_loaded()  # once: the first call loads the installed plugin losses
     nm.compile_kernels()  # once: the first call compiles every kernel
     batch = prepare(loss, predictions, targets, reduction, sample_weight, allow_nonfinite,
-                    params)
+                    params, variance)
     batch.hessian = hessian_request(batch.spec, hessian, hessian_floor, hessian_constant)
     if batch.hessian is not None and not gradient:
         raise InvalidArgumentError("hessian", "a Hessian comes with the gradient "
@@ -158,9 +166,10 @@ def warmup() -> None:
     for dtype in FLOAT_DTYPES:
         for spec in catalog.all_losses():
             x, t = _warmup_inputs(spec, dtype)
+            v = None if spec.variance is None else np.ones_like(x)
             for red in Reduction:
                 for grad in (True, False):
-                    compute(spec.name, x, t, reduction=red, gradient=grad)
+                    compute(spec.name, x, t, reduction=red, gradient=grad, variance=v)
             if HessianMode.EXACT in spec.hessian_modes:
                 compute(spec.name, x, t, hessian=HessianMode.EXACT)
 
@@ -220,7 +229,10 @@ def _result(batch: Batch, total: float, out: np.ndarray,
 
 
 def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
-                     b: float = 0.0, x_unit: bool = False, t_unit: bool = False) -> Result:
+                     b: float = 0.0, x_unit: bool = False, t_unit: bool = False,
+                     bounds: tuple[Bound, ...] = ()) -> Result:
+    """``bounds``: the domain of the loss's inputs, named when a value outside it made the
+    loss non-finite."""
     if batch.hessian is not None:  # the Hessian path: separate kernels
         out, grad = _buffers(batch, True)
         hess = np.empty_like(grad)
@@ -228,13 +240,15 @@ def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
             batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), op, a, b,
             batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
         check_nonfinite_total(batch, total, x_unit, t_unit)
+        check_bounds(batch, total, bounds)
         return _result(batch, total, out, grad, hess)
     return run_elementwise_kernel(batch, want_grad, drivers.elementwise, op, a, b,
-                                  x_unit=x_unit, t_unit=t_unit)
+                                  x_unit=x_unit, t_unit=t_unit, bounds=bounds)
 
 
 def run_elementwise_kernel(batch: Batch, want_grad: bool, kernel: Any, *args: Any,
-                           x_unit: bool = False, t_unit: bool = False) -> Result:
+                           x_unit: bool = False, t_unit: bool = False,
+                           bounds: tuple[Bound, ...] = ()) -> Result:
     """Run an elementwise driver, ``kernel(x, t, w, out, grad, scale, *args, strict,
     parallel, start)``, with the engine's buffers, gradient scale, checks and reduction; plugin
     losses use it with their own driver."""
@@ -242,6 +256,7 @@ def run_elementwise_kernel(batch: Batch, want_grad: bool, kernel: Any, *args: An
     total = kernel(batch.x, batch.t, batch.w, out, grad, _scale(batch), *args,
                    not batch.allow_nonfinite, _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, x_unit, t_unit)
+    check_bounds(batch, total, bounds)
     return _result(batch, total, out, grad if want_grad else None)
 
 
@@ -253,20 +268,26 @@ def register_runner(name: str, run: Callable[[Batch, bool], Result]) -> None:
 
 
 def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
-               x_unit: bool) -> Result:
+               x_unit: bool, t_unit: bool = True, factor: float = 1.0) -> Result:
+    """Rows against rows; ``factor`` multiplies the loss and the gradient (a loss that is
+    linear in a parameter takes it here, not in the kernel)."""
     if batch.hessian is not None:
         out, grad = _buffers(batch, True)
         hess = np.empty_like(grad)
         total = second_order.dense_rows(
             batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), op, a,
             batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
-        check_nonfinite_total(batch, total, x_unit, True)
+        check_nonfinite_total(batch, total, x_unit, t_unit)
         return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
-    total = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch), op, a,
-                               not batch.allow_nonfinite, want_grad, _parallel(batch),
-                               batch.start)
-    check_nonfinite_total(batch, total, x_unit, True)
+    linear = factor != 1.0
+    raw = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch) * factor, op,
+                             a, not batch.allow_nonfinite, want_grad, _parallel(batch),
+                             0.0 if linear else batch.start)
+    total = batch.start + factor * raw if linear else raw
+    check_nonfinite_total(batch, total, x_unit, t_unit)
+    if linear and out.size:
+        out *= out.dtype.type(factor)
     return _result(batch, total, out, grad if want_grad else None)
 
 
@@ -344,25 +365,93 @@ def _kl(batch: Batch, want_grad: bool) -> Result:
 
 
 def _sparse(batch: Batch, want_grad: bool) -> Result:
+    logits = batch.params["from_logits"]
+    return _run_sparse(batch, want_grad, SPARSE_LOGITS if logits else SPARSE_PROBS,
+                       not logits)
+
+
+def _run_sparse(batch: Batch, want_grad: bool, op: int, x_unit: bool) -> Result:
     p = batch.params
-    logits = p["from_logits"]
-    op = SPARSE_LOGITS if logits else SPARSE_PROBS
+    smoothing = p.get("label_smoothing", 0.0)
     if batch.hessian is not None:
         out, grad = _buffers(batch, True)
         hess = np.empty_like(grad)
         total = second_order.sparse_rows(
             batch.x, batch.t, batch.w, p["class_weight"], out, grad, hess, _scale(batch),
-            p["ignore_index"], p["label_smoothing"], op, batch.hessian.bounds,
+            p["ignore_index"], smoothing, op, batch.hessian.bounds,
             not batch.allow_nonfinite, _parallel(batch))
-        check_nonfinite_total(batch, total, not logits, False)
+        check_nonfinite_total(batch, total, x_unit, False)
         return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
     total = drivers.sparse_rows(
         batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
-        p["ignore_index"], p["label_smoothing"], op,
+        p["ignore_index"], smoothing, op,
         not batch.allow_nonfinite, want_grad, _parallel(batch), batch.start)
-    check_nonfinite_total(batch, total, not logits, False)
+    check_nonfinite_total(batch, total, x_unit, False)
     return _result(batch, total, out, grad if want_grad else None)
+
+
+def _sparse_op(op: int) -> Callable[[Batch, bool], Result]:
+    def run(batch: Batch, want_grad: bool) -> Result:
+        return _run_sparse(batch, want_grad, op, False)
+    return run
+
+
+def _dense_op(op: int) -> Callable[[Batch, bool], Result]:
+    def run(batch: Batch, want_grad: bool) -> Result:
+        return _run_dense(batch, want_grad, op, 0.0, x_unit=False, t_unit=False)
+    return run
+
+
+_POSITIVE_PREDICTIONS = Bound("predictions", 0.0, False, "means must be > 0")
+
+
+def _poisson_nll(batch: Batch, want_grad: bool) -> Result:
+    p = batch.params
+    if p["log_input"]:
+        return _run_elementwise(batch, want_grad, drivers.POISSON_LOG, float(p["full"]))
+    return _run_elementwise(batch, want_grad, drivers.POISSON_RATE, float(p["full"]),
+                            bounds=(Bound("predictions", 0.0, True, "rates must be >= 0"),))
+
+
+def _tweedie(batch: Batch, want_grad: bool) -> Result:
+    power = batch.params["power"]
+    if 0.0 < power < 1.0:
+        raise InvalidArgumentError(
+            "params.power", f"{power!r} is inside (0, 1), where no Tweedie distribution "
+            "exists; use power <= 0 or power >= 1", PARAMETER_OUT_OF_RANGE)
+    if power == 0.0:
+        return _run_elementwise(batch, want_grad, drivers.MSE)
+    if power < 0.0:
+        return _run_elementwise(batch, want_grad, drivers.TWEEDIE, power,
+                                bounds=(_POSITIVE_PREDICTIONS,))
+    targets = (Bound("targets", 0.0, True, "targets must be >= 0 for 1 <= power < 2")
+               if power < 2.0 else
+               Bound("targets", 0.0, False, "targets must be > 0 for power >= 2"))
+    op = {1.0: drivers.POISSON_DEVIANCE, 2.0: drivers.GAMMA_DEVIANCE}.get(power, drivers.TWEEDIE)
+    return _run_elementwise(batch, want_grad, op, power,
+                            bounds=(_POSITIVE_PREDICTIONS, targets))
+
+
+def _softmax_focal(batch: Batch, want_grad: bool) -> Result:
+    p = batch.params
+    return _run_dense(batch, want_grad, drivers.SOFTMAX_FOCAL, p["gamma"], x_unit=False,
+                      factor=p["alpha"])
+
+
+def _gaussian_nll(batch: Batch, want_grad: bool) -> Result:
+    out, grad = _buffers(batch, want_grad)
+    vgrad = np.empty(batch.x.size if want_grad else 0, batch.x.dtype)
+    total = drivers.gaussian(batch.x, batch.t, batch.v, batch.w, out, grad, vgrad,
+                             _scale(batch), batch.params["full"], not batch.allow_nonfinite,
+                             _parallel(batch), batch.start)
+    check_nonfinite_total(batch, total, False, False)
+    check_bounds(batch, total, (Bound("variance", 0.0, True, "variances must be >= 0"),))
+    result = _result(batch, total, out, grad if want_grad else None)
+    if not want_grad:
+        return result
+    return dataclasses.replace(result,
+                               variance_gradient=_narrow(batch, variance_gradient(batch, vgrad)))
 
 
 _RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {
@@ -377,6 +466,20 @@ _RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {
     "categorical_cross_entropy": _cce,
     "sparse_categorical_cross_entropy": _sparse,
     "kl_divergence": _kl,
+    "smooth_l1": _elementwise(drivers.SMOOTH_L1, "beta"),
+    "log_cosh": _elementwise(drivers.LOG_COSH),
+    "quantile": _elementwise(drivers.QUANTILE, "quantile"),
+    "mape": _elementwise(drivers.MAPE),
+    "msle": _elementwise(drivers.MSLE),
+    "poisson_nll": _poisson_nll,
+    "tweedie": _tweedie,
+    "gaussian_nll": _gaussian_nll,
+    "sigmoid_focal": _elementwise(drivers.SIGMOID_FOCAL, "alpha", "gamma"),
+    "softmax_focal": _softmax_focal,
+    "nll": _sparse_op(drivers.NLL),
+    "multiclass_hinge": _sparse_op(drivers.MULTICLASS_HINGE),
+    "categorical_hinge": _dense_op(drivers.CATEGORICAL_HINGE),
+    "cosine_similarity": _dense_op(drivers.COSINE_SIMILARITY),
 }
 
 

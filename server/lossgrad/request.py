@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,13 @@ from .errors import (
     EMPTY_BATCH,
     HESSIAN_NOT_SUPPORTED,
     LABEL_OUT_OF_RANGE,
+    MISSING_FIELD,
     NONFINITE_INPUT,
     PARAMETER_OUT_OF_RANGE,
     SHAPE_MISMATCH,
     UNKNOWN_HESSIAN_MODE,
     UNKNOWN_PARAMETER,
+    UNEXPECTED_FIELD,
     UNKNOWN_REDUCTION,
     UNSUPPORTED_DTYPE,
     VALUE_OUT_OF_RANGE,
@@ -75,6 +78,9 @@ class Batch:
     # Caller-provided outputs (shared memory): written instead of new arrays.
     gradient_out: np.ndarray | None = None  # like x
     losses_out: np.ndarray | None = None  # (positions,)
+    # gaussian_nll: the variances, flat like x (predictions' dtype), and their shape as sent
+    v: np.ndarray = dataclasses.field(default_factory=lambda: _EMPTY_F8)
+    v_shape: tuple[int, ...] = ()  # the variance's shape as sent
 
 
 @dataclass(frozen=True)
@@ -140,16 +146,18 @@ def _hessian_bound(field: str, value: Any, default: float, minimum: float,
 
 
 def prepare(loss: str, predictions: Any, targets: Any, reduction: Reduction | str,
-            sample_weight: Any, allow_nonfinite: bool, params: dict[str, Any]) -> Batch:
+            sample_weight: Any, allow_nonfinite: bool, params: dict[str, Any],
+            variance: Any = None) -> Batch:
     """Validate a request and return it as a ``Batch``."""
     spec = catalog.lookup(loss)
     values = resolve_params(spec, loss, params)
     return prepare_resolved(spec, values, reduction_of(reduction), predictions, targets,
-                            sample_weight, allow_nonfinite)
+                            sample_weight, allow_nonfinite, variance)
 
 
 def prepare_resolved(spec: LossSpec, params: dict[str, Any], red: Reduction, predictions: Any,
-                     targets: Any, sample_weight: Any, allow_nonfinite: bool) -> Batch:
+                     targets: Any, sample_weight: Any, allow_nonfinite: bool,
+                     variance: Any = None) -> Batch:
     """``prepare`` once the loss, its parameters and the reduction are resolved: what a
     stream runs for each of its pieces."""
     x = _predictions(predictions, spec)
@@ -158,6 +166,12 @@ def prepare_resolved(spec: LossSpec, params: dict[str, Any], red: Reduction, pre
         x = x.astype(np.float32)  # the kernels' type; float32 holds every half value
     batch = _prepare(spec, params, red, x, targets, sample_weight, allow_nonfinite)
     batch.out_dtype = half
+    if spec.variance is not None:
+        batch.v, batch.v_shape = _variance(variance, x)
+    elif variance is not None:
+        raise InvalidArgumentError(
+            "variance", f"loss {spec.name!r} takes no variance (only gaussian_nll does)",
+            UNEXPECTED_FIELD)
     return batch
 
 
@@ -361,6 +375,67 @@ def _source_index(flat_index: int, given: tuple[int, ...], position_shape: tuple
     return flat_index // max(1, math.prod(position_shape[1:]))
 
 
+def _variance(value: Any, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The variances as a flat array like the predictions (converted to their dtype), and
+    the shape they came in: the predictions' shape, or that shape with the last axis 1 or
+    without it (PyTorch GaussianNLLLoss's forms: shared along the last axis, then repeated
+    here)."""
+    if value is None:
+        raise InvalidArgumentError("variance", "gaussian_nll needs a variance tensor",
+                                   MISSING_FIELD)
+    v = _array(value, "variance")
+    if v.dtype.kind not in "fiu" or v.dtype.kind == "b":
+        raise InvalidArgumentError(
+            "variance.dtype", f"{v.dtype} is not supported; use float32 or float64",
+            UNSUPPORTED_DTYPE)
+    if v.shape not in (x.shape, x.shape[:-1] + (1,), x.shape[:-1]):
+        raise InvalidArgumentError(
+            "variance.shape", f"{v.shape} must be the predictions' shape {x.shape}, or it "
+            f"with the last axis 1 or without it", SHAPE_MISMATCH)
+    flat = v.astype(x.dtype, copy=False).reshape(-1)
+    if v.shape != x.shape:
+        flat = np.repeat(flat, x.shape[-1])
+    return flat, v.shape
+
+
+def variance_gradient(batch: Batch, grad: np.ndarray) -> np.ndarray:
+    """The gradient w.r.t. the variance in the shape it came in: a variance shared along
+    the last axis gets the sum over that axis (float64, then the predictions' dtype)."""
+    if batch.v_shape == batch.shape:
+        return grad.reshape(batch.shape)
+    summed = grad.reshape(-1, batch.shape[-1]).sum(axis=1, dtype=np.float64)
+    return summed.astype(grad.dtype).reshape(batch.v_shape)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A lower bound on the values of one input, checked only when the loss came out
+    non-finite (the kernels poison values outside their loss's domain)."""
+
+    field: str  # "predictions", "targets" or "variance"
+    minimum: float
+    inclusive: bool
+    what: str
+
+
+def check_bounds(batch: Batch, total: float, bounds: tuple[Bound, ...]) -> None:
+    """After ``check_nonfinite_total``: name the first value below its bound, if any."""
+    if math.isfinite(total):
+        return
+    for bound in bounds:
+        arr = {"predictions": batch.x, "targets": batch.t, "variance": batch.v}[bound.field]
+        flat = arr.reshape(-1)
+        low = bound.minimum if bound.inclusive else float(np.nextafter(bound.minimum, np.inf))
+        bad = nm.first_outside(flat, low, math.inf)
+        if bad < 0:
+            continue
+        index = bad
+        if bound.field == "variance" and batch.v_shape != batch.shape:
+            index = bad // batch.shape[-1]  # the variance was repeated along the last axis
+        raise InvalidArgumentError(f"{bound.field}.data[{index}]",
+                                   f"{flat[bad]!r}: {bound.what}", VALUE_OUT_OF_RANGE)
+
+
 def _first_nonfinite(arr: np.ndarray, field: str) -> None:
     bad = nm.first_nonfinite(arr.reshape(-1))
     if bad >= 0:
@@ -389,6 +464,9 @@ def check_nonfinite_total(batch: Batch, total: float, x_unit: bool, t_unit: bool
         _first_nonfinite(batch.x, "predictions")
         if batch.t.dtype.kind == "f":
             _first_nonfinite(batch.t, "targets")
+        if batch.v.size:
+            step = batch.v.size // math.prod(batch.v_shape)  # > 1 where it was repeated
+            _first_nonfinite(np.ascontiguousarray(batch.v[::step]), "variance")
     if x_unit:
         _first_outside_unit(batch.x, "predictions", "probabilities")
     if t_unit:

@@ -32,6 +32,7 @@ from ._numerics import (
 )
 from .classification import (
     SPARSE_LOGITS,
+    SPARSE_PROBS,
     bce,
     bce_logits,
     cce_logits_row,
@@ -42,12 +43,33 @@ from .classification import (
     squared_hinge,
 )
 from .divergence import kl_log_row, kl_probs_row
+from .focal import sigmoid_focal, softmax_focal_row
+from .likelihood import (
+    gamma_deviance,
+    gaussian_nll,
+    poisson_deviance,
+    poisson_log,
+    poisson_rate,
+    tweedie,
+)
+from .multiclass import (
+    categorical_hinge_row,
+    cosine_similarity_row,
+    multiclass_hinge_row,
+    nll_row,
+)
 from .regression import huber, mae, mse, pseudo_huber
+from .robust import log_cosh, mape, msle, quantile, smooth_l1
 
 # Element ops: (a, b) are the loss's scalar parameters.
 MAE, MSE, HUBER, PSEUDO_HUBER, HINGE, SQUARED_HINGE, BCE, BCE_LOGITS = range(8)
-# Dense row ops: ``a`` is the label smoothing where the loss has it.
+(SMOOTH_L1, LOG_COSH, QUANTILE, MAPE, MSLE, POISSON_LOG, POISSON_RATE, TWEEDIE,
+ POISSON_DEVIANCE, GAMMA_DEVIANCE, SIGMOID_FOCAL) = range(8, 19)
+# Dense row ops: ``a`` is the label smoothing where the loss has it (gamma for focal).
 CCE_LOGITS, CCE_PROBS, KL_PROBS, KL_LOG = range(4)
+CATEGORICAL_HINGE, COSINE_SIMILARITY, SOFTMAX_FOCAL = range(4, 7)
+# Rows against class indices: SPARSE_LOGITS, SPARSE_PROBS (classification.py), then these.
+NLL, MULTICLASS_HINGE = range(2, 4)
 
 
 
@@ -117,8 +139,30 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict):  # type: i
         _element_loop(squared_hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     elif op == BCE:
         _element_loop(bce, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    else:
+    elif op == BCE_LOGITS:
         _element_loop(bce_logits, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == SMOOTH_L1:
+        _element_loop(smooth_l1, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == LOG_COSH:
+        _element_loop(log_cosh, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == QUANTILE:
+        _element_loop(quantile, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == MAPE:
+        _element_loop(mape, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == MSLE:
+        _element_loop(msle, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == POISSON_LOG:
+        _element_loop(poisson_log, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == POISSON_RATE:
+        _element_loop(poisson_rate, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == TWEEDIE:
+        _element_loop(tweedie, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == POISSON_DEVIANCE:
+        _element_loop(poisson_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    elif op == GAMMA_DEVIANCE:
+        _element_loop(gamma_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    else:
+        _element_loop(sigmoid_focal, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     return block_sum(lb)
 
 
@@ -171,7 +215,15 @@ def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad):  # t
         return _dense_loop(cce_probs_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
     if op == KL_PROBS:
         return _dense_loop(kl_probs_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
-    return _dense_loop(kl_log_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+    if op == KL_LOG:
+        return _dense_loop(kl_log_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+    if op == CATEGORICAL_HINGE:
+        return _dense_loop(categorical_hinge_row, xb, tb, wb, ob, gb, scale, a, strict,
+                           want_grad)
+    if op == COSINE_SIMILARITY:
+        return _dense_loop(cosine_similarity_row, xb, tb, wb, ob, gb, scale, a, strict,
+                           want_grad)
+    return _dense_loop(softmax_focal_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
 
 
 @kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), f8, i8, f8, b1, b1, b1,
@@ -237,7 +289,13 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # ty
     if op == SPARSE_LOGITS:
         return _sparse_loop(sparse_logits_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
                             smoothing, strict, want_grad)
-    return _sparse_loop(sparse_probs_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
+    if op == SPARSE_PROBS:
+        return _sparse_loop(sparse_probs_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
+                            smoothing, strict, want_grad)
+    if op == NLL:
+        return _sparse_loop(nll_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
+                            smoothing, strict, want_grad)
+    return _sparse_loop(multiclass_hinge_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
                         smoothing, strict, want_grad)
 
 
@@ -263,4 +321,51 @@ def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, strict,  #
         for blk in range(nb):
             sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,
                                       smoothing, strict, want_grad)
+    return _combine(sums, start)
+
+
+# --- elementwise with a variance (Gaussian NLL) ---------------------------------------------
+
+@numba.njit(nogil=True, error_model="numpy")
+def _gaussian_block(blk, x, y, v, w, out, grad, vgrad, scale, full, strict):  # type: ignore[no-untyped-def]
+    """One block of ``gaussian``: like ``_element_loop``, with a third input and a second
+    gradient (w.r.t. the variance; a scratch block when not wanted)."""
+    lo = blk * BLOCK
+    hi = min(lo + BLOCK, x.size)
+    n = hi - lo
+    gb = grad[lo:hi] if grad.size else np.empty(n, dtype=x.dtype)
+    vb = vgrad[lo:hi] if vgrad.size else np.empty(n, dtype=x.dtype)
+    lb = np.empty(n, dtype=x.dtype)
+    sc = fconst(x, scale)
+    for j in range(n):
+        xj, yj, vj = x[lo + j], y[lo + j], v[lo + j]
+        loss, g, gv = gaussian_nll(xj, yj, vj, full)
+        bad = poison(xj) + poison(yj) + poison(vj)
+        lb[j] = loss + (bad if strict else fconst(xj, 0.0))
+        gb[j] = sc * g
+        vb[j] = sc * gv
+    if w.size:
+        for j in range(n):
+            wj = fconst(x, w[lo + j])
+            lb[j] *= wj
+            gb[j] *= wj
+            vb[j] *= wj
+    if out.size:
+        out[lo:hi] = lb
+    return block_sum(lb)
+
+
+@kernel(lambda F: f8(In(F), In(F), In(F), In(f8), Out(F), Out(F), Out(F), f8, b1, b1, b1, f8),
+        parallel=True)
+def gaussian(x, y, v, w, out, grad, vgrad, scale, full, strict, parallel, start):  # type: ignore[no-untyped-def]
+    """Gaussian NLL of predictions x, targets y and variances v (all of one shape);
+    ``vgrad`` gets scale * w * d loss / d v (empty: not wanted)."""
+    nb = (x.size + BLOCK - 1) // BLOCK
+    sums = np.empty(nb)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk] = _gaussian_block(blk, x, y, v, w, out, grad, vgrad, scale, full, strict)
+    else:
+        for blk in range(nb):
+            sums[blk] = _gaussian_block(blk, x, y, v, w, out, grad, vgrad, scale, full, strict)
     return _combine(sums, start)

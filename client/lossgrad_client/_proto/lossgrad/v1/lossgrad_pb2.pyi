@@ -134,6 +134,12 @@ class _InputKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputKind.V
     """Binary labels: all in {-1, 1}, or all in {0, 1} (then mapped to {-1, 1})."""
     INPUT_KIND_SCORES: _InputKind.ValueType  # 7
     """Raw decision scores (margins)."""
+    INPUT_KIND_RATES: _InputKind.ValueType  # 8
+    """Means of a count or positive distribution (Poisson rates, Tweedie means)."""
+    INPUT_KIND_LOG_RATES: _InputKind.ValueType  # 9
+    """Natural logarithms of rates."""
+    INPUT_KIND_VARIANCES: _InputKind.ValueType  # 10
+    """Variances >= 0 of a Gaussian."""
 
 class InputKind(_InputKind, metaclass=_InputKindEnumTypeWrapper):
     """InputKind says what the values of an input tensor mean."""
@@ -154,6 +160,12 @@ INPUT_KIND_SIGNED_LABELS: InputKind.ValueType  # 6
 """Binary labels: all in {-1, 1}, or all in {0, 1} (then mapped to {-1, 1})."""
 INPUT_KIND_SCORES: InputKind.ValueType  # 7
 """Raw decision scores (margins)."""
+INPUT_KIND_RATES: InputKind.ValueType  # 8
+"""Means of a count or positive distribution (Poisson rates, Tweedie means)."""
+INPUT_KIND_LOG_RATES: InputKind.ValueType  # 9
+"""Natural logarithms of rates."""
+INPUT_KIND_VARIANCES: InputKind.ValueType  # 10
+"""Variances >= 0 of a Gaussian."""
 Global___InputKind: _TypeAlias = InputKind  # noqa: Y015
 
 class _HessianMode:
@@ -367,6 +379,13 @@ class LossParams(_message.Message):
     IGNORE_INDEX_FIELD_NUMBER: _builtins.int
     CLASS_WEIGHT_FIELD_NUMBER: _builtins.int
     LOG_PREDICTIONS_FIELD_NUMBER: _builtins.int
+    BETA_FIELD_NUMBER: _builtins.int
+    QUANTILE_FIELD_NUMBER: _builtins.int
+    LOG_INPUT_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
+    POWER_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    GAMMA_FIELD_NUMBER: _builtins.int
     BY_NAME_FIELD_NUMBER: _builtins.int
     delta: _builtins.float
     """huber, pseudo_huber: the threshold/scale; > 0. Default 1.0."""
@@ -389,6 +408,24 @@ class LossParams(_message.Message):
     """kl_divergence: predictions are log-probabilities instead of probabilities.
     Default false.
     """
+    beta: _builtins.float
+    """smooth_l1: width of the quadratic zone; >= 0 (0 gives L1). Default 1.0."""
+    quantile: _builtins.float
+    """quantile: the quantile level tau, in (0, 1). Default 0.5."""
+    log_input: _builtins.bool
+    """poisson_nll: predictions are log-rates instead of rates. Default true."""
+    full: _builtins.bool
+    """poisson_nll: add Stirling's term where the target is > 1; gaussian_nll: add
+    0.5 log(2 pi). Default false.
+    """
+    power: _builtins.float
+    """tweedie: the power; <= 0 or >= 1. Default 1.5."""
+    alpha: _builtins.float
+    """sigmoid_focal: weight of the positive class in [0, 1], or negative for none
+    (default 0.25); softmax_focal: scale of the loss, >= 0 (default 0.25).
+    """
+    gamma: _builtins.float
+    """sigmoid_focal, softmax_focal: focusing exponent; >= 0. Default 2.0."""
     @_builtins.property
     def class_weight(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """sparse_categorical_cross_entropy: one non-negative weight per class (length C).
@@ -412,36 +449,71 @@ class LossParams(_message.Message):
         ignore_index: _builtins.int | None = ...,
         class_weight: _abc.Iterable[_builtins.float] | None = ...,
         log_predictions: _builtins.bool | None = ...,
+        beta: _builtins.float | None = ...,
+        quantile: _builtins.float | None = ...,
+        log_input: _builtins.bool | None = ...,
+        full: _builtins.bool | None = ...,
+        power: _builtins.float | None = ...,
+        alpha: _builtins.float | None = ...,
+        gamma: _builtins.float | None = ...,
         by_name: _abc.Mapping[_builtins.str, Global___ParamValue] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "_from_logits", b"_from_logits", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "delta", b"delta", "from_logits", b"from_logits", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_beta", b"_beta", "_delta", b"_delta", "_from_logits", b"_from_logits", "_full", b"_full", "_gamma", b"_gamma", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_input", b"_log_input", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "_power", b"_power", "_quantile", b"_quantile", "alpha", b"alpha", "beta", b"beta", "delta", b"delta", "from_logits", b"from_logits", "full", b"full", "gamma", b"gamma", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_input", b"log_input", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight", "power", b"power", "quantile", b"quantile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "_from_logits", b"_from_logits", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "by_name", b"by_name", "class_weight", b"class_weight", "delta", b"delta", "from_logits", b"from_logits", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_beta", b"_beta", "_delta", b"_delta", "_from_logits", b"_from_logits", "_full", b"_full", "_gamma", b"_gamma", "_ignore_index", b"_ignore_index", "_label_smoothing", b"_label_smoothing", "_log_input", b"_log_input", "_log_predictions", b"_log_predictions", "_pos_weight", b"_pos_weight", "_power", b"_power", "_quantile", b"_quantile", "alpha", b"alpha", "beta", b"beta", "by_name", b"by_name", "class_weight", b"class_weight", "delta", b"delta", "from_logits", b"from_logits", "full", b"full", "gamma", b"gamma", "ignore_index", b"ignore_index", "label_smoothing", b"label_smoothing", "log_input", b"log_input", "log_predictions", b"log_predictions", "pos_weight", b"pos_weight", "power", b"power", "quantile", b"quantile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
+    _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
+    _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
+    _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
     _WhichOneofReturnType__delta: _TypeAlias = _typing.Literal["delta"]  # noqa: Y015
     _WhichOneofArgType__delta: _TypeAlias = _typing.Literal["_delta", b"_delta"]  # noqa: Y015
     _WhichOneofReturnType__from_logits: _TypeAlias = _typing.Literal["from_logits"]  # noqa: Y015
     _WhichOneofArgType__from_logits: _TypeAlias = _typing.Literal["_from_logits", b"_from_logits"]  # noqa: Y015
+    _WhichOneofReturnType__full: _TypeAlias = _typing.Literal["full"]  # noqa: Y015
+    _WhichOneofArgType__full: _TypeAlias = _typing.Literal["_full", b"_full"]  # noqa: Y015
+    _WhichOneofReturnType__gamma: _TypeAlias = _typing.Literal["gamma"]  # noqa: Y015
+    _WhichOneofArgType__gamma: _TypeAlias = _typing.Literal["_gamma", b"_gamma"]  # noqa: Y015
     _WhichOneofReturnType__ignore_index: _TypeAlias = _typing.Literal["ignore_index"]  # noqa: Y015
     _WhichOneofArgType__ignore_index: _TypeAlias = _typing.Literal["_ignore_index", b"_ignore_index"]  # noqa: Y015
     _WhichOneofReturnType__label_smoothing: _TypeAlias = _typing.Literal["label_smoothing"]  # noqa: Y015
     _WhichOneofArgType__label_smoothing: _TypeAlias = _typing.Literal["_label_smoothing", b"_label_smoothing"]  # noqa: Y015
+    _WhichOneofReturnType__log_input: _TypeAlias = _typing.Literal["log_input"]  # noqa: Y015
+    _WhichOneofArgType__log_input: _TypeAlias = _typing.Literal["_log_input", b"_log_input"]  # noqa: Y015
     _WhichOneofReturnType__log_predictions: _TypeAlias = _typing.Literal["log_predictions"]  # noqa: Y015
     _WhichOneofArgType__log_predictions: _TypeAlias = _typing.Literal["_log_predictions", b"_log_predictions"]  # noqa: Y015
     _WhichOneofReturnType__pos_weight: _TypeAlias = _typing.Literal["pos_weight"]  # noqa: Y015
     _WhichOneofArgType__pos_weight: _TypeAlias = _typing.Literal["_pos_weight", b"_pos_weight"]  # noqa: Y015
+    _WhichOneofReturnType__power: _TypeAlias = _typing.Literal["power"]  # noqa: Y015
+    _WhichOneofArgType__power: _TypeAlias = _typing.Literal["_power", b"_power"]  # noqa: Y015
+    _WhichOneofReturnType__quantile: _TypeAlias = _typing.Literal["quantile"]  # noqa: Y015
+    _WhichOneofArgType__quantile: _TypeAlias = _typing.Literal["_quantile", b"_quantile"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alpha) -> _WhichOneofReturnType__alpha | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__delta) -> _WhichOneofReturnType__delta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__from_logits) -> _WhichOneofReturnType__from_logits | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__full) -> _WhichOneofReturnType__full | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gamma) -> _WhichOneofReturnType__gamma | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ignore_index) -> _WhichOneofReturnType__ignore_index | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label_smoothing) -> _WhichOneofReturnType__label_smoothing | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_input) -> _WhichOneofReturnType__log_input | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__log_predictions) -> _WhichOneofReturnType__log_predictions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__pos_weight) -> _WhichOneofReturnType__pos_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__power) -> _WhichOneofReturnType__power | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quantile) -> _WhichOneofReturnType__quantile | None: ...
 
 Global___LossParams: _TypeAlias = LossParams  # noqa: Y015
 
@@ -521,6 +593,7 @@ class ComputeLossRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     ALLOW_NONFINITE_FIELD_NUMBER: _builtins.int
     LOSSES_OUTPUT_FIELD_NUMBER: _builtins.int
+    VARIANCE_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """Loss name or alias from ListLosses, e.g. "mse" or "l2"."""
     reduction: Global___Reduction.ValueType
@@ -552,6 +625,12 @@ class ComputeLossRequest(_message.Message):
         where, with no data.
         """
 
+    @_builtins.property
+    def variance(self) -> Global___Tensor:
+        """gaussian_nll only: the variances, float32 or float64, of the predictions' shape
+        (or with the last axis 1, or without it: shared along the last axis).
+        """
+
     def __init__(
         self,
         *,
@@ -563,10 +642,11 @@ class ComputeLossRequest(_message.Message):
         params: Global___LossParams | None = ...,
         allow_nonfinite: _builtins.bool = ...,
         losses_output: Global___SharedMemoryLocation | None = ...,
+        variance: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "loss", b"loss", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_nonfinite", b"allow_nonfinite", "loss", b"loss", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,6 +710,7 @@ class ComputeGradientRequest(_message.Message):
     HESSIAN_CONSTANT_FIELD_NUMBER: _builtins.int
     GRADIENT_OUTPUT_FIELD_NUMBER: _builtins.int
     LOSSES_OUTPUT_FIELD_NUMBER: _builtins.int
+    VARIANCE_FIELD_NUMBER: _builtins.int
     loss: _builtins.str
     """Loss name or alias from ListLosses, e.g. "mse" or "l2"."""
     reduction: Global___Reduction.ValueType
@@ -675,6 +756,12 @@ class ComputeGradientRequest(_message.Message):
         `gradient_output` does for the gradient.
         """
 
+    @_builtins.property
+    def variance(self) -> Global___Tensor:
+        """gaussian_nll only: the variances, float32 or float64, of the predictions' shape
+        (or with the last axis 1, or without it: shared along the last axis).
+        """
+
     def __init__(
         self,
         *,
@@ -690,10 +777,11 @@ class ComputeGradientRequest(_message.Message):
         hessian_constant: _builtins.float | None = ...,
         gradient_output: Global___SharedMemoryLocation | None = ...,
         losses_output: Global___SharedMemoryLocation | None = ...,
+        variance: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "gradient_output", b"gradient_output", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "gradient_output", b"gradient_output", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "sample_weight", b"sample_weight", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "allow_nonfinite", b"allow_nonfinite", "gradient_output", b"gradient_output", "hessian", b"hessian", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "loss", b"loss", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant", "_hessian_floor", b"_hessian_floor", "allow_nonfinite", b"allow_nonfinite", "gradient_output", b"gradient_output", "hessian", b"hessian", "hessian_constant", b"hessian_constant", "hessian_floor", b"hessian_floor", "loss", b"loss", "losses_output", b"losses_output", "params", b"params", "predictions", b"predictions", "reduction", b"reduction", "sample_weight", b"sample_weight", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hessian_constant: _TypeAlias = _typing.Literal["hessian_constant"]  # noqa: Y015
     _WhichOneofArgType__hessian_constant: _TypeAlias = _typing.Literal["_hessian_constant", b"_hessian_constant"]  # noqa: Y015
@@ -719,6 +807,7 @@ class ComputeGradientResponse(_message.Message):
     WEIGHT_SUM_FIELD_NUMBER: _builtins.int
     GRADIENT_FIELD_NUMBER: _builtins.int
     HESSIAN_FIELD_NUMBER: _builtins.int
+    VARIANCE_GRADIENT_FIELD_NUMBER: _builtins.int
     loss: _builtins.float
     """The reduced loss (REDUCTION_SUM, REDUCTION_MEAN); 0 for REDUCTION_NONE."""
     positions: _builtins.int
@@ -741,6 +830,12 @@ class ComputeGradientResponse(_message.Message):
         shape, dtype, weights and scale; not set when none was asked for.
         """
 
+    @_builtins.property
+    def variance_gradient(self) -> Global___Tensor:
+        """gaussian_nll only: gradient of the returned loss w.r.t. the variance, in the
+        variance's shape and the predictions' dtype.
+        """
+
     def __init__(
         self,
         *,
@@ -751,10 +846,11 @@ class ComputeGradientResponse(_message.Message):
         weight_sum: _builtins.float = ...,
         gradient: Global___Tensor | None = ...,
         hessian: Global___Tensor | None = ...,
+        variance_gradient: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "hessian", b"hessian", "losses", b"losses"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "hessian", b"hessian", "losses", b"losses", "variance_gradient", b"variance_gradient"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "hessian", b"hessian", "loss", b"loss", "losses", b"losses", "positions", b"positions", "positions_counted", b"positions_counted", "weight_sum", b"weight_sum"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gradient", b"gradient", "hessian", b"hessian", "loss", b"loss", "losses", b"losses", "positions", b"positions", "positions_counted", b"positions_counted", "variance_gradient", b"variance_gradient", "weight_sum", b"weight_sum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1445,6 +1541,7 @@ class LossInfo(_message.Message):
     HESSIAN_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
     PLUGIN_FIELD_NUMBER: _builtins.int
+    VARIANCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Canonical name, e.g. "huber"."""
     description: _builtins.str
@@ -1485,6 +1582,10 @@ class LossInfo(_message.Message):
     def plugin(self) -> Global___PluginSource:
         """The plugin package that provides the loss (LOSS_ORIGIN_PLUGIN only)."""
 
+    @_builtins.property
+    def variance(self) -> Global___InputSpec:
+        """The variance tensor, for the losses that take one (gaussian_nll); unset otherwise."""
+
     def __init__(
         self,
         *,
@@ -1500,10 +1601,11 @@ class LossInfo(_message.Message):
         hessian: _builtins.str = ...,
         origin: Global___LossOrigin.ValueType = ...,
         plugin: Global___PluginSource | None = ...,
+        variance: Global___InputSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin", "predictions", b"predictions", "targets", b"targets"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin", "predictions", b"predictions", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "origin", b"origin", "params", b"params", "plugin", b"plugin", "predictions", b"predictions", "reference", b"reference", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "origin", b"origin", "params", b"params", "plugin", b"plugin", "predictions", b"predictions", "reference", b"reference", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
