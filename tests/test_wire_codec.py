@@ -27,12 +27,16 @@ from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 MASK64 = (1 << 64) - 1
 REQUEST_SCHEMA = {1: "string", 2: "tensor", 3: "tensor", 4: "tensor", 5: "enum", 6: "params",
                   7: "bool", 8: "enum", 9: "optional_double", 10: "optional_double",
-                  12: "location", 13: "location"}
+                  12: "location", 13: "location", 16: "tensor"}
 RESPONSE_SCHEMA = {1: "double", 2: "tensor", 3: "int64", 4: "int64", 5: "double", 6: "tensor",
-                   7: "tensor"}
+                   7: "tensor", 14: "tensor"}
 HESSIAN_SCALARS = ("hessian_floor", "hessian_constant")
 PARAM_FIELDS = ("delta", "from_logits", "pos_weight", "label_smoothing", "ignore_index",
-                "log_predictions")
+                "log_predictions", "beta", "quantile", "log_input", "full", "power", "alpha",
+                "gamma")
+BOOL_PARAMS = ("from_logits", "log_predictions", "log_input", "full")
+REQUEST_TENSORS = ("predictions", "targets", "sample_weight", "variance")
+RESPONSE_TENSORS = ("losses", "gradient", "hessian", "variance_gradient")
 
 
 # --- an independent encoder for arbitrary layouts ------------------------------------------
@@ -65,7 +69,8 @@ def varint_field(number: int, value: int, overlong: int = 0) -> bytes:
 
 
 def unknown_field(rng: random.Random, known: set[int]) -> bytes:
-    number = rng.choice([n for n in (8, 9, 15, 16, 100, 2047, 2**29 - 1) if n not in known])
+    number = rng.choice([n for n in (8, 9, 15, 16, 17, 100, 2047, 2**29 - 1)
+                         if n not in known])
     wire_type = rng.choice([0, 1, 2, 5])
     if wire_type == 0:
         return varint_field(number, rng.getrandbits(64), rng.randrange(3))
@@ -110,7 +115,7 @@ def random_location(rng: random.Random) -> pb.SharedMemoryLocation:
 def random_params(rng: random.Random) -> pb.LossParams:
     params = pb.LossParams()
     for name in rng.sample(PARAM_FIELDS, rng.randrange(len(PARAM_FIELDS) + 1)):
-        if name in ("from_logits", "log_predictions"):
+        if name in BOOL_PARAMS:
             setattr(params, name, rng.random() < 0.5)
         elif name == "ignore_index":
             setattr(params, name, random_int(rng, 64))
@@ -125,7 +130,7 @@ def random_request(rng: random.Random) -> pb.ComputeGradientRequest:
     message = pb.ComputeGradientRequest()
     if rng.random() < 0.8:
         message.loss = random_text(rng)
-    for name in ("predictions", "targets", "sample_weight"):
+    for name in REQUEST_TENSORS:
         if rng.random() < 0.7:
             getattr(message, name).SetInParent()
             for field, value in random_tensor_fields(rng).items():
@@ -156,7 +161,7 @@ def random_response(rng: random.Random) -> pb.ComputeGradientResponse:
     message = pb.ComputeGradientResponse(
         loss=random_double(rng), positions=random_int(rng, 64),
         positions_counted=random_int(rng, 64), weight_sum=random_double(rng))
-    for name in ("losses", "gradient", "hessian"):
+    for name in RESPONSE_TENSORS:
         if rng.random() < 0.6:
             fields = random_tensor_fields(rng)
             getattr(message, name).CopyFrom(pb.Tensor(**fields))
@@ -332,7 +337,7 @@ def wire_tensor(fields: TensorFields | None) -> _wire.Tensor | None:
 
 def assert_request_equal(parsed: _wire.ComputeRequest, message: pb.ComputeGradientRequest) -> None:
     assert parsed.loss == message.loss
-    for name in ("predictions", "targets", "sample_weight"):
+    for name in REQUEST_TENSORS:
         assert parsed_tensor(getattr(parsed, name)) == tensor_of(message, name), name
     assert parsed.reduction == message.reduction
     assert parsed.allow_nonfinite is message.allow_nonfinite
@@ -357,7 +362,7 @@ def assert_response_equal(parsed: _wire.ComputeResponse,
         assert struct.pack("<d", getattr(parsed, name)) == struct.pack("<d", getattr(message, name))
     assert (parsed.positions, parsed.positions_counted) == \
         (message.positions, message.positions_counted)
-    for name in ("losses", "gradient", "hessian"):
+    for name in RESPONSE_TENSORS:
         assert parsed_tensor(getattr(parsed, name)) == tensor_of(message, name), name
 
 
@@ -375,6 +380,7 @@ def to_wire_request(message: pb.ComputeGradientRequest) -> _wire.ComputeRequest:
         params=message.params if message.HasField("params") else None,
         allow_nonfinite=message.allow_nonfinite, hessian=message.hessian,
         gradient_output=location("gradient_output"), losses_output=location("losses_output"),
+        variance=tensor("variance"),
         **{name: getattr(message, name) for name in HESSIAN_SCALARS if message.HasField(name)})
 
 
@@ -385,7 +391,8 @@ def to_wire_response(message: pb.ComputeGradientResponse) -> _wire.ComputeRespon
     return _wire.ComputeResponse(
         loss=message.loss, losses=tensor("losses"), positions=message.positions,
         positions_counted=message.positions_counted, weight_sum=message.weight_sum,
-        gradient=tensor("gradient"), hessian=tensor("hessian"))
+        gradient=tensor("gradient"), hessian=tensor("hessian"),
+        variance_gradient=tensor("variance_gradient"))
 
 
 # --- parsing: same result as the generated classes -----------------------------------------
@@ -510,7 +517,7 @@ def test_serialize_requests_like_protobuf(seed: int) -> None:
         parsed = _wire.parse_request(data)
         assert_request_equal(parsed, message)
         assert_request_equal(parsed, pb.ComputeGradientRequest.FromString(data))
-        assert_aligned(data, parsed, ("predictions", "targets", "sample_weight"))
+        assert_aligned(data, parsed, REQUEST_TENSORS)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -524,7 +531,7 @@ def test_serialize_responses_like_protobuf(seed: int) -> None:
         parsed = _wire.parse_response(data)
         assert_response_equal(parsed, message)
         assert_response_equal(parsed, pb.ComputeGradientResponse.FromString(data))
-        assert_aligned(data, parsed, ("losses", "gradient", "hessian"))
+        assert_aligned(data, parsed, RESPONSE_TENSORS)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -544,15 +551,17 @@ def test_requests_the_client_sends_are_aligned(seed: int) -> None:
             loss="sparse_categorical_cross_entropy"[:int(rng.integers(0, 33))],
             predictions=_wire.Tensor.of(x), targets=_wire.Tensor.of(t),
             sample_weight=_wire.Tensor.of(w) if rng.random() < 0.5 else None,
-            reduction=int(rng.integers(0, 4)), allow_nonfinite=bool(rng.random() < 0.5))
+            reduction=int(rng.integers(0, 4)), allow_nonfinite=bool(rng.random() < 0.5),
+            variance=_wire.Tensor.of(np.ones(shape, x.dtype)) if rng.random() < 0.3 else None)
         data = _wire.serialize_request(request)
         parsed = _wire.parse_request(data)
-        assert_aligned(data, parsed, ("predictions", "targets", "sample_weight"))
+        assert_aligned(data, parsed, REQUEST_TENSORS)
         message = pb.ComputeGradientRequest.FromString(data)
         assert message.SerializeToString(deterministic=True) == \
             _wire.serialize_request(request, align=False)
-        # At most 3 empty occurrences and one byte of shape layout per tensor.
-        assert len(data) - len(message.SerializeToString()) <= 3 * (3 * 2 + 1)
+        # At most 3 empty occurrences of 2 bytes (7 of 3 bytes for the variance's two-byte
+        # key) and one byte of shape layout per tensor.
+        assert len(data) - len(message.SerializeToString()) <= 3 * (3 * 2 + 1) + 7 * 3 + 1
 
 
 def test_aligned_response_arrays_through_the_client_conversion() -> None:

@@ -70,6 +70,8 @@ def gradient_result(data: bytes, request: ComputeRequest,
         positions_counted=response.positions_counted,
         weight_sum=response.weight_sum,
         hessian=None if response.hessian is None else from_tensor(response.hessian, "hessian"),
+        variance_gradient=(None if response.variance_gradient is None else
+                           from_tensor(response.variance_gradient, "variance_gradient")),
     )
 
 
@@ -98,7 +100,10 @@ def compute_request(
     params: Mapping[str, Any],
 ) -> ComputeRequest:
     """The fields that ComputeLossRequest and ComputeGradientRequest share; the tensors
-    view the arrays (the one copy is into the message)."""
+    view the arrays (the one copy is into the message). A ``variance`` keyword among
+    ``params`` is the variance tensor of gaussian_nll, not a LossParams field."""
+    params = dict(params)
+    variance = params.pop("variance", None)
     if not isinstance(loss, str):
         raise InvalidArgumentError(
             f"loss: expected a loss name, got {type(loss).__name__}", field="loss")
@@ -114,6 +119,7 @@ def compute_request(
         targets=to_tensor(targets, "targets"),
         sample_weight=None if sample_weight is None else to_tensor(sample_weight,
                                                                    "sample_weight"),
+        variance=None if variance is None else to_tensor(variance, "variance"),
     )
 
 
@@ -289,5 +295,6 @@ def _loss_info(info: pb.LossInfo) -> LossInfo:
         origin=_enum_name(pb.LossOrigin, info.origin, "LOSS_ORIGIN_"),
         plugin=PluginInfo(info.plugin.entry_point, info.plugin.distribution,
                           info.plugin.version) if info.HasField("plugin") else None,
+        variance=_input_info(info.variance) if info.HasField("variance") else None,
     )
 

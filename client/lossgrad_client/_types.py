@@ -30,7 +30,8 @@ class GradientResult:
     """What :meth:`LossClient.compute_gradient` returns: :class:`LossResult`'s fields and
     ``gradient``, a read-only array with the predictions' shape and dtype; ``hessian``,
     the diagonal Hessian the call asked for (same shape, dtype, weights and scale as the
-    gradient), or None when it asked for none."""
+    gradient), or None when it asked for none; ``variance_gradient``, the gradient w.r.t.
+    the variance (gaussian_nll, in the variance's shape), else None."""
 
     loss: float | npt.NDArray[Any]
     gradient: npt.NDArray[Any]
@@ -38,6 +39,7 @@ class GradientResult:
     positions_counted: int
     weight_sum: float
     hessian: npt.NDArray[Any] | None = None
+    variance_gradient: npt.NDArray[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class LossInfo:
     hessian: str = ""
     origin: str = "unspecified"
     plugin: PluginInfo | None = None
+    variance: InputInfo | None = None  # the third input, for losses that take one
 
     def param(self, name: str) -> ParamInfo | None:
         """Return the parameter called ``name``, or None."""

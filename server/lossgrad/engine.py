@@ -433,6 +433,12 @@ def _tweedie(batch: Batch, want_grad: bool) -> Result:
                             bounds=(_POSITIVE_PREDICTIONS, targets))
 
 
+def _sigmoid_focal(batch: Batch, want_grad: bool) -> Result:
+    p = batch.params
+    return _run_elementwise(batch, want_grad, drivers.SIGMOID_FOCAL, p["alpha"], p["gamma"],
+                            t_unit=True)
+
+
 def _softmax_focal(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
     return _run_dense(batch, want_grad, drivers.SOFTMAX_FOCAL, p["gamma"], x_unit=False,
@@ -474,7 +480,7 @@ _RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {
     "poisson_nll": _poisson_nll,
     "tweedie": _tweedie,
     "gaussian_nll": _gaussian_nll,
-    "sigmoid_focal": _elementwise(drivers.SIGMOID_FOCAL, "alpha", "gamma"),
+    "sigmoid_focal": _sigmoid_focal,
     "softmax_focal": _softmax_focal,
     "nll": _sparse_op(drivers.NLL),
     "multiclass_hinge": _sparse_op(drivers.MULTICLASS_HINGE),

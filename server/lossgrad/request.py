@@ -9,9 +9,9 @@ looks for the offending value only then.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,9 @@ from .errors import (
     NONFINITE_INPUT,
     PARAMETER_OUT_OF_RANGE,
     SHAPE_MISMATCH,
+    UNEXPECTED_FIELD,
     UNKNOWN_HESSIAN_MODE,
     UNKNOWN_PARAMETER,
-    UNEXPECTED_FIELD,
     UNKNOWN_REDUCTION,
     UNSUPPORTED_DTYPE,
     VALUE_OUT_OF_RANGE,

@@ -269,7 +269,8 @@ def _compute(request: ComputeRequest, *, gradient: bool,
     result = engine.compute(
         request.loss, predictions, targets, reduction=reduction, sample_weight=sample_weight,
         gradient=gradient, allow_nonfinite=request.allow_nonfinite,
-        gradient_out=gradient_out, losses_out=losses_out, **hessian,
+        gradient_out=gradient_out, losses_out=losses_out,
+        variance=wire.decode_optional(request.variance, "variance", decode), **hessian,
         **wire.decode_params(request.params),
     )
     if gradient and result.gradient is None:
@@ -283,6 +284,8 @@ def _compute(request: ComputeRequest, *, gradient: bool,
         weight_sum=float(result.weight_sum),
         gradient=_tensor(result.gradient, request.gradient_output) if gradient else None,
         hessian=None if result.hessian is None else wire.encode_tensor(result.hessian),
+        variance_gradient=(None if result.variance_gradient is None
+                           else wire.encode_tensor(result.variance_gradient)),
     )
 
 
@@ -301,7 +304,7 @@ def list_losses_response(losses: tuple[catalog.LossSpec, ...]) -> pb.ListLossesR
 
 
 def _loss_info(spec: catalog.LossSpec) -> pb.LossInfo:
-    return pb.LossInfo(
+    info = pb.LossInfo(
         name=spec.name,
         aliases=spec.aliases,
         description=spec.description,
@@ -315,6 +318,9 @@ def _loss_info(spec: catalog.LossSpec) -> pb.LossInfo:
         origin=pb.LOSS_ORIGIN_BUILTIN if spec.plugin is None else pb.LOSS_ORIGIN_PLUGIN,
         plugin=None if spec.plugin is None else plugin.source_proto(spec.plugin),
     )
+    if spec.variance is not None:
+        info.variance.CopyFrom(_input_spec(spec.variance))
+    return info
 
 
 def _input_spec(spec: catalog.InputSpec) -> pb.InputSpec:

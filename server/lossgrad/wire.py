@@ -68,7 +68,8 @@ _MAX_NDIM = 64
 
 # LossParams scalar fields, all ``optional`` in the proto (HasField works on them).
 _SCALAR_PARAMS = ("delta", "from_logits", "pos_weight", "label_smoothing", "ignore_index",
-                  "log_predictions")
+                  "log_predictions", "beta", "quantile", "log_input", "full", "power", "alpha",
+                  "gamma")
 
 
 def data_type(dtype: np.dtype[Any]) -> int:
@@ -163,7 +164,7 @@ def check_elements(request: _wire.ComputeRequest, limit: int | None) -> int:
     """Return the elements the request's tensors declare (from their shapes, before any
     array exists); ResourceExhaustedError when that is over ``limit`` (None: no limit)."""
     tensors = (("predictions", request.predictions), ("targets", request.targets),
-               ("sample_weight", request.sample_weight))
+               ("sample_weight", request.sample_weight), ("variance", request.variance))
     # Negative dimensions count as 0 here; decode_tensor rejects them.
     total = sum(math.prod(max(d, 0) for d in t.shape) for _, t in tensors if t is not None)
     if limit is not None and total > limit:

@@ -35,10 +35,12 @@ _REQUEST_FIELDS = {1: ("loss", "string"), 2: ("predictions", "tensor"),
                    5: ("reduction", "int32"), 6: ("params", "message"),
                    7: ("allow_nonfinite", "bool"), 8: ("hessian", "int32"),
                    9: ("hessian_floor", "double"), 10: ("hessian_constant", "double"),
-                   12: ("gradient_output", "location"), 13: ("losses_output", "location")}
+                   12: ("gradient_output", "location"), 13: ("losses_output", "location"),
+                   16: ("variance", "tensor")}
 _RESPONSE_FIELDS = {1: ("loss", "double"), 2: ("losses", "tensor"), 3: ("positions", "int64"),
                     4: ("positions_counted", "int64"), 5: ("weight_sum", "double"),
-                    6: ("gradient", "tensor"), 7: ("hessian", "tensor")}
+                    6: ("gradient", "tensor"), 7: ("hessian", "tensor"),
+                    14: ("variance_gradient", "tensor")}
 _STREAM_REQUEST_FIELDS = {1: ("header", "message"), 2: ("predictions", "tensor"),
                           3: ("targets", "tensor"), 4: ("sample_weight", "tensor")}
 _STREAM_RESPONSE_FIELDS = {1: ("ready", "message"), 2: ("gradient", "tensor"),
@@ -48,7 +50,7 @@ _TENSOR_FIELDS = {1: ("dtype", "int32"), 2: ("shape", "shape"), 3: ("data", "byt
 _LOCATION_FIELDS = {1: ("region", "string"), 2: ("offset", "int64"), 3: ("byte_size", "int64")}
 _TENSOR_NAMES = {path: {number: f"{path}.{name}" for number, (name, _) in _TENSOR_FIELDS.items()}
                  for path in ("predictions", "targets", "sample_weight", "losses", "gradient",
-                              "hessian")}
+                              "hessian", "variance", "variance_gradient")}
 _WIRE_TYPES = {"string": LEN, "tensor": LEN, "message": LEN, "bytes": LEN, "shape": LEN,
                "location": LEN,
                "int32": VARINT, "int64": VARINT, "bool": VARINT, "double": I64}

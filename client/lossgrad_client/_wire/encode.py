@@ -50,6 +50,8 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
         if location is not None:
             _put_bytes(tail, number, _location(location))
     parts.append(tail)
+    if request.variance is not None:
+        _put_tensor(parts, offset + len(tail), 16, request.variance, align)
     return b"".join(parts)
 
 
@@ -74,7 +76,9 @@ def serialize_response(response: ComputeResponse, *, align: bool = True) -> byte
     if response.gradient is not None:
         offset = _put_tensor(parts, offset, 6, response.gradient, align)
     if response.hessian is not None:
-        _put_tensor(parts, offset, 7, response.hessian, align)
+        offset = _put_tensor(parts, offset, 7, response.hessian, align)
+    if response.variance_gradient is not None:
+        _put_tensor(parts, offset, 14, response.variance_gradient, align)
     return b"".join(parts)
 
 
@@ -123,8 +127,9 @@ def _put_tensor(parts: list[Buffer], offset: int, number: int, tensor: Tensor,
     whose buffer is aligned (CPython's bytes are) can view it as an aligned array. The
     canonical layout is kept when it aligns; otherwise two freedoms of the protobuf
     encoding, which every parser must accept, make it align: the first dimension as an
-    unpacked field (one byte more or less than packed), and up to three empty occurrences
-    of the field before it (occurrences of an embedded message merge; two bytes each).
+    unpacked field (one byte more or less than packed), and empty occurrences of the field
+    before it (occurrences of an embedded message merge): up to three of two bytes each,
+    or for a field number above 15 (a two-byte key) up to seven of three bytes each.
     """
     data = tensor.data
     size = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -137,7 +142,8 @@ def _put_tensor(parts: list[Buffer], offset: int, number: int, tensor: Tensor,
     location = bytearray()
     if tensor.shared_memory is not None:
         _put_bytes(location, 4, _location(tensor.shared_memory))
-    key = bytearray((number << 3 | LEN,))
+    key = bytearray()
+    _put_raw_varint(key, number << 3 | LEN)  # two bytes from field 16 on
     fixed = len(dtype) + len(data_key) + size + len(location)  # the body without the shape
     shape = _shape_field(tensor.shape, unpacked=0)
     padding = 0
@@ -151,7 +157,7 @@ def _put_tensor(parts: list[Buffer], offset: int, number: int, tensor: Tensor,
     if misalignment(0, shape):
         forms = [shape, _shape_field(tensor.shape, unpacked=1)] if tensor.shape else [shape]
         padding, shape = next(
-            ((p, form) for p in range(4) for form in forms if not misalignment(p, form)),
+            ((p, form) for p in range(8) for form in forms if not misalignment(p, form)),
             (0, shape))  # none (a scalar at an odd offset): canonical; the receiver copies
     header = (key + b"\x00") * padding + key  # an empty occurrence: the key and length 0
     _put_raw_varint(header, fixed + len(shape))

@@ -123,6 +123,7 @@ class ComputeRequest:
     hessian_constant: float | None = None
     gradient_output: SharedMemoryLocation | None = None
     losses_output: SharedMemoryLocation | None = None
+    variance: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class ComputeResponse:
     weight_sum: float = 0.0
     gradient: Tensor | None = None
     hessian: Tensor | None = None
+    variance_gradient: Tensor | None = None
 
 
 @dataclass(frozen=True)
