@@ -399,10 +399,10 @@ LOSSES: tuple[LossSpec, ...] = (
 CONVENTIONS = """\
 Argument order is (predictions, targets), as in PyTorch and optax.
 A position is one element for elementwise losses and one row along the last axis (the
-class axis) for categorical_cross_entropy, sparse_categorical_cross_entropy and
-kl_divergence. Predictions need >= 1 dimension (>= 2 for the class losses), none of size 0.
+class axis) for the losses whose class_axis_last is true. Predictions need >= 1 dimension
+(>= 2 for the class losses), none of size 0.
 Weights: w_i = sample_weight_i (shape (N,) for the batch axis, or the per-position shape;
-finite, >= 0) x class_weight[target_i] (sparse_categorical_cross_entropy), and 0 where the
+finite, >= 0) x class_weight[target_i] (losses with class indices), and 0 where the
 target is ignore_index.
 Reductions: NONE returns w_i * l_i per position; SUM returns sum(w_i * l_i); MEAN (the
 default) returns sum(w_i * l_i) / sum(w_i). Unweighted MEAN equals PyTorch's 'mean' (for
@@ -423,7 +423,11 @@ are widened to float32 (exactly) and computed as float32; per-position values an
 gradient are rounded back to the predictions' half type (to nearest, ties to even).
 Element math runs in the predictions' type, every sum in float64 over fixed blocks in a
 fixed order: the same inputs always give the same bits (also through ComputeStream).
-NaN/Inf inputs are rejected unless allow_nonfinite is set.
+NaN/Inf inputs are rejected unless allow_nonfinite is set, and so are values outside a
+loss's domain (negative Poisson rates, non-positive Tweedie means, negative variances).
+gaussian_nll takes a third tensor, the variance (ComputeGradient also returns its
+gradient); poisson_nll, tweedie, gaussian_nll and msle compute in float64 whatever the
+input type, since their terms cancel near the minimum.
 Hessians (ComputeGradient with hessian set; LossInfo lists each loss's modes): the
 diagonal of d^2 L / d x^2 with the gradient's weights and scale: scale * s_i *
 clip(h_i), h_i the second derivative of the position's loss (its class weights
