@@ -20,10 +20,11 @@ from test_numerics_torch import (
     REDUCTIONS,
     TIGHT,
     _assert_close,
+    _class_weight,
     _one_torch_thread,  # noqa: F401 - autouse fixture
     _rng,
     _sparse_targets,
-    _to_torch_layout,
+    _torch_ce,
     check,
 )
 
@@ -113,15 +114,7 @@ def test_nll_loss(params, shape, reduction, dtype):
     lp = lp.astype(dtype)
     y = _sparse_targets(rng, shape[:-1], shape[-1], params)
     r = compute("nll", lp, y, reduction=reduction, **params)
-    cw = params.get("class_weight")
-
-    def fn(xt, yt, wt):
-        kw = {"weight": wt, "reduction": reduction}
-        if "ignore_index" in params:
-            kw["ignore_index"] = params["ignore_index"]
-        return F.nll_loss(_to_torch_layout(xt), yt, **kw)
-
-    check(r, reduction, fn, lp, y, None if cw is None else np.asarray(cw))
+    check(r, reduction, _torch_ce(F.nll_loss, params, reduction), lp, y, _class_weight(params))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
