@@ -286,26 +286,31 @@ LOSSES: tuple[LossSpec, ...] = (
         "smooth_l1", Layout.ELEMENTWISE,
         "0.5 r^2 / beta if |r| < beta else |r| - 0.5 beta, r = p - y; |r| for beta = 0",
         "PyTorch SmoothL1Loss", _VALUES, _SAME_VALUES, params=(BETA,),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "log_cosh", Layout.ELEMENTWISE, "log cosh(p - y); gradient tanh(p - y)",
         "Keras LogCosh (per element)", _VALUES, _SAME_VALUES,
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "quantile", Layout.ELEMENTWISE,
         "pinball loss tau max(y - p, 0) + (1 - tau) max(p - y, 0); gradient 0 at p = y",
         "scikit-learn mean_pinball_loss", _VALUES, _SAME_VALUES, params=(QUANTILE,),
         aliases=("pinball",),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "mape", Layout.ELEMENTWISE,
         "100 |p - y| / max(|y|, 1e-7): a percentage",
         "Keras MeanAbsolutePercentageError (per element)", _VALUES, _SAME_VALUES,
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "msle", Layout.ELEMENTWISE,
         "(log1p(max(p, 1e-7)) - log1p(max(y, 1e-7)))^2; gradient 0 where p <= 1e-7",
         "Keras MeanSquaredLogarithmicError (per element)", _VALUES, _SAME_VALUES,
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "poisson_nll", Layout.ELEMENTWISE,
@@ -317,6 +322,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
                   "observed counts y, same shape as predictions (integers are converted)"),
         params=(LOG_INPUT, FULL),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "tweedie", Layout.ELEMENTWISE,
@@ -329,6 +335,7 @@ LOSSES: tuple[LossSpec, ...] = (
                   "targets, same shape as predictions: y >= 0 for 1 <= power < 2, y > 0 for "
                   "power >= 2, any real for power <= 0"),
         params=(POWER,),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "gaussian_nll", Layout.ELEMENTWISE,
@@ -340,6 +347,7 @@ LOSSES: tuple[LossSpec, ...] = (
             InputKind.VARIANCES, FLOAT_DTYPES,
             "variances >= 0: the predictions' shape, that shape with the last axis 1, or "
             "without the last axis (shared along it); converted to the predictions' dtype"),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "sigmoid_focal", Layout.ELEMENTWISE,
@@ -349,6 +357,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES + INDEX_DTYPES,
                   "labels in [0, 1] (0/1, or soft), same shape as predictions"),
         params=(FOCAL_ALPHA, GAMMA),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "softmax_focal", Layout.DENSE_ROWS,
@@ -358,6 +367,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
                   "probability rows in [0, 1] (one-hot or soft), same shape as predictions"),
         params=(SOFTMAX_FOCAL_ALPHA, GAMMA),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "nll", Layout.SPARSE_ROWS,
@@ -369,6 +379,7 @@ LOSSES: tuple[LossSpec, ...] = (
                   "axis"),
         _CLASS_TARGETS,
         params=(IGNORE_INDEX, CLASS_WEIGHT, SMOOTHING),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "multiclass_hinge", Layout.SPARSE_ROWS,
@@ -377,6 +388,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.SCORES, FLOAT_DTYPES, "scores, shape (..., C), C on the last axis"),
         _CLASS_TARGETS,
         params=(IGNORE_INDEX, CLASS_WEIGHT),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "categorical_hinge", Layout.DENSE_ROWS,
@@ -385,6 +397,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.SCORES, FLOAT_DTYPES, "scores, shape (..., C), C on the last axis"),
         InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
                   "one-hot rows (or any real values), same shape as predictions"),
+        hessian="none offered for this loss yet",
     ),
     LossSpec(
         "cosine_similarity", Layout.DENSE_ROWS,
@@ -393,6 +406,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.VALUES, FLOAT_DTYPES, "vectors, shape (..., D), D on the last axis"),
         InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
                   "vectors, same shape as predictions"),
+        hessian="none offered for this loss yet",
     ),
 )
 
