@@ -50,8 +50,10 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
         if location is not None:
             _put_bytes(tail, number, _location(location))
     parts.append(tail)
-    if request.variance is not None:
-        _put_tensor(parts, offset + len(tail), 16, request.variance, align)
+    if request.variance is not None:  # field 16 comes after the scalars
+        offset = sum(len(part) if not isinstance(part, memoryview) else part.nbytes
+                     for part in parts)
+        _put_tensor(parts, offset, 16, request.variance, align)
     return b"".join(parts)
 
 
