@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -203,3 +205,34 @@ def test_a_stream_is_one_observed_call(served: tuple[LossServer, str],
         ("ComputeStream", "sparse_categorical_cross_entropy", "OK"),
         ("ComputeStream", "sparse_categorical_cross_entropy", "INVALID_ARGUMENT")]
     assert lines[0]["elements"] == 40 and len(lines[0]["request_id"]) == 32
+
+
+@pytest.mark.e2e
+def test_a_cancelled_stream_is_counted_as_cancelled(
+        served: tuple[LossServer, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A client that cancels a stream after the header is no server error: CANCELLED in
+    the metrics and the access line, nothing logged as a failure of the server."""
+    server, address = served
+    header = pb.ComputeStreamHeader(
+        loss="mse", gradient=True,
+        predictions=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[100, 10]),
+        targets=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[100, 10]))
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.ComputeStreamRequest]:
+        yield pb.ComputeStreamRequest(header=header)
+        release.wait(30)
+
+    with caplog.at_level(logging.INFO), grpc.insecure_channel(address) as channel:
+        call = pb_grpc.LossServiceStub(channel).ComputeStream(requests(), timeout=30)
+        assert next(call).ready.block_rows > 0
+        call.cancel()
+        release.set()
+        for _ in range(300):  # the server notices on its own threads
+            if server.telemetry.loss_counts():
+                break
+            time.sleep(0.01)
+    assert server.telemetry.loss_counts() == {"mse": (1, 1)}
+    access = [r for r in caplog.records if r.name == "lossgrad.access"]
+    assert [r.fields["code"] for r in access] == ["CANCELLED"]  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -104,6 +104,12 @@ class LossService:
                                      max_chunks=self._max_stream_chunks)
             yield call.ready()
             yield from _ahead(call.run(messages), "lossgrad-stream-compute")
+        except grpc.RpcError:  # reading the next message failed: the call has ended
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                abort(context, DeadlineExceededError("", "the deadline passed during the "
+                                                     "stream"), "ComputeStream")
+            context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
         except Exception as err:
             abort(context, err, "ComputeStream")
 
