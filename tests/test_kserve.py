@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from grpc_status import rpc_status
-from lossgrad import catalog
+from lossgrad import catalog, kserve
 from lossgrad._proto.inference import grpc_predict_v2_pb2 as kpb
 from lossgrad._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
 from lossgrad._proto.inference import model_config_pb2 as config_pb
@@ -114,7 +114,8 @@ def test_model_metadata_describes_inputs_and_outputs(
     assert (mse.name, list(mse.versions), mse.platform) == ("mse", ["1"], "lossgrad")
     assert tensors(mse.inputs) == [("PREDICTIONS", "FP32", [-1]), ("TARGETS", "FP32", [-1]),
                                    ("SAMPLE_WEIGHT", "FP32", [-1])]
-    assert tensors(mse.outputs) == [("LOSS", "FP64", [-1]), ("GRADIENT", "FP32", [-1])]
+    assert tensors(mse.outputs) == [("LOSS", "FP64", [-1]), ("GRADIENT", "FP32", [-1]),
+                                    ("HESSIAN", "FP32", [-1])]
     sparse = kserve_stub.ModelMetadata(
         kpb.ModelMetadataRequest(name="sparse_categorical_cross_entropy"), timeout=10)
     assert tensors(sparse.inputs)[:2] == [("PREDICTIONS", "FP32", [-1, -1]),
@@ -134,7 +135,7 @@ def test_model_config_in_tritons_terms(kserve_stub: Stub) -> None:
                                        ("TARGETS", "TYPE_INT64", [-1], False),
                                        ("SAMPLE_WEIGHT", "TYPE_FP32", [-1], True)]
     assert [(t.name, config_pb.DataType.Name(t.data_type)) for t in config.output] == [
-        ("LOSS", "TYPE_FP64"), ("GRADIENT", "TYPE_FP32")]
+        ("LOSS", "TYPE_FP64"), ("GRADIENT", "TYPE_FP32"), ("HESSIAN", "TYPE_FP32")]
     with pytest.raises(grpc.RpcError) as info:
         kserve_stub.ModelConfig(kpb.ModelConfigRequest(name="resnet50"), timeout=10)
     assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
@@ -216,6 +217,45 @@ def test_requested_outputs_and_aliases(
     assert [o.name for o in gradient_only.outputs] == ["GRADIENT"]
 
 
+def test_raw_outputs_serialize_as_protobuf_does() -> None:
+    message = kpb.ModelInferResponse(model_name="mse", model_version="1", id="x")
+    arrays = (np.array([0.25]), np.arange(12, dtype=np.float32).reshape(4, 3) - 5)
+    for name, array in zip(("LOSS", "GRADIENT"), arrays, strict=True):
+        message.outputs.add(name=name, datatype=_DATATYPES[array.dtype], shape=array.shape)
+    full = kpb.ModelInferResponse()
+    full.CopyFrom(message)
+    full.raw_output_contents.extend(a.tobytes() for a in arrays)
+    written = kserve.serialize_infer(kserve.InferResponse(message, arrays))
+    assert written == full.SerializeToString()
+    big = np.zeros(100_000, np.float32)  # a length of three varint bytes
+    assert kpb.ModelInferResponse.FromString(kserve.serialize_infer(
+        kserve.InferResponse(message, (big,)))).raw_output_contents[0] == big.tobytes()
+
+
+def test_hessian_on_request_equals_the_native_api(
+        kserve_stub: Stub, client: LossClient) -> None:
+    x, y = _rng_case(6)
+    y = (y > 0).astype(np.float32)
+    response = kserve_stub.ModelInfer(infer_request(
+        "binary_cross_entropy", {"PREDICTIONS": x, "TARGETS": y},
+        outputs=("LOSS", "GRADIENT", "HESSIAN"), from_logits=True, hessian="clipped",
+        hessian_floor=1e-3, reduction="sum"), timeout=30)
+    native = client.compute_gradient("binary_cross_entropy", x, y, from_logits=True,
+                                     hessian="clipped", hessian_floor=1e-3, reduction="sum")
+    out = outputs_of(response)
+    assert native.hessian is not None and out["HESSIAN"].dtype == np.float32
+    assert out["LOSS"][0] == native.loss
+    assert out["GRADIENT"].tobytes() == native.gradient.tobytes()
+    assert out["HESSIAN"].tobytes() == native.hessian.tobytes()
+    assert out["HESSIAN"].min() >= np.float32(1e-3)
+    # Without a mode, HESSIAN is the exact one.
+    exact = outputs_of(kserve_stub.ModelInfer(infer_request(
+        "mse", {"PREDICTIONS": x, "TARGETS": y}, outputs=("HESSIAN",)), timeout=30))
+    assert list(exact) == ["HESSIAN"]
+    assert exact["HESSIAN"].tobytes() == client.compute_gradient(
+        "mse", x, y, hessian="exact").hessian.tobytes()  # type: ignore[union-attr]
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 def _details(err: grpc.RpcError) -> tuple[str, str]:
@@ -282,6 +322,14 @@ def _bad_requests() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, s
          "PARAMETER_OUT_OF_RANGE", "parameters.delta"),
         ("unknown parameter", infer_request("mse", xy, delta=1.0), invalid,
          "UNKNOWN_PARAMETER", "parameters.delta"),
+        ("Hessian mode without the output", infer_request("mse", xy, hessian="exact"),
+         invalid, "UNKNOWN_PARAMETER", "parameters.hessian"),
+        ("unknown Hessian mode", infer_request("mse", xy, outputs=("HESSIAN",),
+                                               hessian="diagonal"), invalid,
+         "UNKNOWN_HESSIAN_MODE", "parameters.hessian"),
+        ("Hessian floor out of range", infer_request(
+            "mse", xy, outputs=("HESSIAN",), hessian="clipped", hessian_floor=-1.0), invalid,
+         "PARAMETER_OUT_OF_RANGE", "parameters.hessian_floor"),
         ("unknown reduction", infer_request("mse", xy, reduction="max"), invalid,
          "UNKNOWN_REDUCTION", "parameters.reduction"),
         ("reduction not a string", infer_request("mse", xy, reduction=2), invalid,
@@ -290,7 +338,7 @@ def _bad_requests() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, s
             "sparse_categorical_cross_entropy",
             {"PREDICTIONS": x, "TARGETS": np.zeros(16, np.int64)}, class_weight="1,2"),
          invalid, "PARAMETER_OUT_OF_RANGE", "parameters.class_weight"),
-        ("unknown output", infer_request("mse", xy, outputs=("HESSIAN",)), invalid,
+        ("unknown output", infer_request("mse", xy, outputs=("PROBABILITIES",)), invalid,
          "UNKNOWN_TENSOR", "outputs[0].name"),
         ("non-finite input", infer_request(
             "mse", {"PREDICTIONS": np.full(4, np.nan, np.float32),

@@ -99,7 +99,7 @@ def test_tritonclient_sees_a_live_ready_server_and_models(triton_run: dict[str, 
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
         ("PREDICTIONS", "FP32", ["-1"]), ("TARGETS", "FP32", ["-1"]),
         ("SAMPLE_WEIGHT", "FP32", ["-1"])]
-    assert [t["name"] for t in meta["outputs"]] == ["LOSS", "GRADIENT"]
+    assert [t["name"] for t in meta["outputs"]] == ["LOSS", "GRADIENT", "HESSIAN"]
     config = results["config"]["config"]  # Triton's extension, which perf_analyzer reads
     assert config["name"] == "mse" and config.get("max_batch_size", 0) == 0
     assert [(t["name"], t["data_type"], t.get("optional", False)) for t in config["input"]] == [
