@@ -7,7 +7,8 @@ against parallel kernels, same bits), e2e (through gRPC against a bare echo serv
 default and tuned glibc malloc), concurrency (two large requests at once), memory (server
 peak RSS per request size), sidecar (a co-located client through shared memory against
 local PyTorch), stream (language-model logits through ComputeStream: throughput, server and
-client peak RSS). ``--quick`` uses fewer repetitions and skips the largest inputs. Exits 1
+client peak RSS), kserve (the Open Inference Protocol API under perf_analyzer, and the
+Python clients). ``--quick`` uses fewer repetitions and skips the largest inputs. Exits 1
 if a correctness check failed. With ``--only``, the sections run replace their namesakes
 in an existing RESULTS.md and the others are kept.
 """
@@ -42,7 +43,8 @@ from servers import MALLOC_ENV, child_env
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar", "stream")
+SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar", "stream",
+            "kserve")
 CHILD_TIMEOUT_S = 600
 # Before each section, wait at most this long for other processes to leave the CPUs idle.
 QUIET_WAIT_S = {False: 20.0, True: 2.0}  # by --quick
@@ -58,6 +60,7 @@ TITLES = {
     "memory": "5. Server peak memory per request size",
     "sidecar": "6. Co-located sidecar: shared memory against local PyTorch",
     "stream": "7. Language-model logits through ComputeStream",
+    "kserve": "8. Open Inference Protocol (KServe v2): perf_analyzer and the Python clients",
 }
 
 E2E_NOTE = """\
@@ -199,6 +202,12 @@ def _stream(quick: bool) -> tuple[str, list[str]]:
     return _child("stream", [str(HERE / "stream_bench.py"), *shape], quick, child_env(True))
 
 
+def _kserve(quick: bool) -> tuple[str, list[str]]:
+    import kserve_bench
+
+    return kserve_bench.run(quick)
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "engine": _engine,
     "parallel": _parallel,
@@ -207,8 +216,9 @@ RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "memory": _memory,
     "sidecar": _sidecar,
     "stream": _stream,
+    "kserve": _kserve,
 }
-NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar", "stream"}
+NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar", "stream", "kserve"}
 
 
 def _command() -> str:
