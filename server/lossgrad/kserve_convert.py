@@ -267,7 +267,7 @@ def serialize_infer(response: InferResponse | kpb.ModelInferResponse) -> bytes:
     for array in response.raw:
         head = bytearray([_RAW_OUTPUT_CONTENTS_TAG])
         _put_raw_varint(head, array.nbytes)
-        parts += [bytes(head), memoryview(array.reshape(-1)).cast("B")]
+        parts += [bytes(head), memoryview(array.reshape(-1).view(np.uint8))]
     return b"".join(parts)
 
 
