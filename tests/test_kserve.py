@@ -256,6 +256,23 @@ def test_hessian_on_request_equals_the_native_api(
         "mse", x, y, hessian="exact").hessian.tobytes()  # type: ignore[union-attr]
 
 
+def test_variance_input_and_its_gradient(kserve_stub: Stub, client: LossClient) -> None:
+    x, y = _rng_case(8)
+    v = np.linspace(0.5, 2.0, 80, dtype=np.float32).reshape(x.shape)
+    meta = kserve_stub.ModelMetadata(kpb.ModelMetadataRequest(name="gaussian_nll"), timeout=10)
+    assert [t.name for t in meta.inputs][-1] == "VARIANCE"
+    assert [t.name for t in meta.outputs][-1] == "VARIANCE_GRADIENT"
+    response = kserve_stub.ModelInfer(infer_request(
+        "gaussian_nll", {"PREDICTIONS": x, "TARGETS": y, "VARIANCE": v},
+        outputs=("LOSS", "GRADIENT", "VARIANCE_GRADIENT")), timeout=30)
+    native = client.compute_gradient("gaussian_nll", x, y, variance=v)
+    out = outputs_of(response)
+    assert native.variance_gradient is not None
+    assert out["LOSS"][0] == native.loss
+    assert out["GRADIENT"].tobytes() == native.gradient.tobytes()
+    assert out["VARIANCE_GRADIENT"].tobytes() == native.variance_gradient.tobytes()
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 def _details(err: grpc.RpcError) -> tuple[str, str]:
@@ -338,6 +355,12 @@ def _bad_requests() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, s
             "sparse_categorical_cross_entropy",
             {"PREDICTIONS": x, "TARGETS": np.zeros(16, np.int64)}, class_weight="1,2"),
          invalid, "PARAMETER_OUT_OF_RANGE", "parameters.class_weight"),
+        ("variance missing", infer_request("gaussian_nll", xy), invalid, "MISSING_FIELD",
+         "VARIANCE"),
+        ("variance of a loss without one", infer_request("mse", {**xy, "VARIANCE": y}),
+         invalid, "UNEXPECTED_FIELD", "VARIANCE"),
+        ("variance gradient of a loss without one", infer_request(
+            "mse", xy, outputs=("VARIANCE_GRADIENT",)), invalid, "UNKNOWN_TENSOR", "outputs"),
         ("unknown output", infer_request("mse", xy, outputs=("PROBABILITIES",)), invalid,
          "UNKNOWN_TENSOR", "outputs[0].name"),
         ("non-finite input", infer_request(

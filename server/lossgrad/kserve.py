@@ -42,6 +42,8 @@ from .kserve_convert import (
     PREDICTIONS,
     SAMPLE_WEIGHT,
     TARGETS,
+    VARIANCE,
+    VARIANCE_GRADIENT,
     InferResponse,
     input_tensors,
     protocol_fields,
@@ -113,7 +115,8 @@ class InferenceService:
         tensors = input_tensors(request)
         wire.check_elements(_wire.ComputeRequest(
             predictions=tensors.get(PREDICTIONS), targets=tensors.get(TARGETS),
-            sample_weight=tensors.get(SAMPLE_WEIGHT)), self._max_elements)
+            sample_weight=tensors.get(SAMPLE_WEIGHT), variance=tensors.get(VARIANCE)),
+            self._max_elements)
         outputs = requested_outputs(request)
         options = request_options(request.parameters, spec)
         settle_hessian(options, outputs)
@@ -125,7 +128,7 @@ class InferenceService:
                       for name, tensor in tensors.items()}
             result = engine.compute(
                 request.model_name, arrays[PREDICTIONS], arrays[TARGETS],
-                sample_weight=arrays.get(SAMPLE_WEIGHT),
+                sample_weight=arrays.get(SAMPLE_WEIGHT), variance=arrays.get(VARIANCE),
                 gradient=any(out.gradient for out in outputs), **options)
         raw = len(request.raw_input_contents) > 0
         return response(request, MODEL_VERSION, outputs, result, raw)
@@ -189,7 +192,8 @@ def model_metadata(name: str, spec: LossSpec) -> kpb.ModelMetadataResponse:
     takes, every dimension -1 (any size; more leading dimensions are accepted too); the
     datatype is the usual one (FP64 is accepted wherever FP32 is, INT32 wherever INT64
     is, and GRADIENT and HESSIAN take the datatype of PREDICTIONS). HESSIAN is listed
-    for the losses that have a Hessian."""
+    for the losses that have a Hessian, VARIANCE and VARIANCE_GRADIENT for those that
+    take a variance."""
     rows = spec.layout is not Layout.ELEMENTWISE
     x_shape = [-1, -1] if rows else [-1]
     sparse = spec.layout is Layout.SPARSE_ROWS
@@ -199,11 +203,15 @@ def model_metadata(name: str, spec: LossSpec) -> kpb.ModelMetadataResponse:
         inputs=[meta(name=PREDICTIONS, datatype="FP32", shape=x_shape),
                 meta(name=TARGETS, datatype="INT64" if sparse else "FP32",
                      shape=[-1] if sparse else x_shape),
-                meta(name=SAMPLE_WEIGHT, datatype="FP32", shape=[-1])],
+                meta(name=SAMPLE_WEIGHT, datatype="FP32", shape=[-1]),
+                *([meta(name=VARIANCE, datatype="FP32", shape=x_shape)]
+                  if spec.variance is not None else [])],
         outputs=[meta(name=LOSS, datatype="FP64", shape=[-1]),
                  meta(name=GRADIENT, datatype="FP32", shape=x_shape),
                  *([meta(name=HESSIAN, datatype="FP32", shape=x_shape)]
-                   if spec.hessian_modes else [])])
+                   if spec.hessian_modes else []),
+                 *([meta(name=VARIANCE_GRADIENT, datatype="FP32", shape=x_shape)]
+                   if spec.variance is not None else [])])
 
 
 def model_config(meta: kpb.ModelMetadataResponse) -> kpb.ModelConfigResponse:

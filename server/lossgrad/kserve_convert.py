@@ -38,7 +38,10 @@ from .errors import (
 )
 
 PREDICTIONS, TARGETS, SAMPLE_WEIGHT = "PREDICTIONS", "TARGETS", "SAMPLE_WEIGHT"
+VARIANCE = "VARIANCE"  # the third input of the losses that take one (gaussian_nll)
+INPUTS = (PREDICTIONS, TARGETS, SAMPLE_WEIGHT, VARIANCE)
 LOSS, GRADIENT, HESSIAN = "LOSS", "GRADIENT", "HESSIAN"
+VARIANCE_GRADIENT = "VARIANCE_GRADIENT"
 # Request parameters that are not loss parameters.
 REDUCTION, ALLOW_NONFINITE = "reduction", "allow_nonfinite"
 HESSIAN_MODE, HESSIAN_BOUNDS = "hessian", ("hessian_floor", "hessian_constant")
@@ -65,7 +68,7 @@ _DATATYPES: dict[str, tuple[int, np.dtype[Any], str]] = {
 _DATATYPE_OF = {dtype.name: name for name, (_, dtype, _) in _DATATYPES.items()}
 # Engine field prefixes -> the protocol's names, for error fields.
 _FIELD_NAMES = {"predictions": PREDICTIONS, "targets": TARGETS, "sample_weight": SAMPLE_WEIGHT,
-                "params": "parameters",
+                "variance": VARIANCE, "params": "parameters",
                 **{key: f"parameters.{key}"
                    for key in (REDUCTION, HESSIAN_MODE, *HESSIAN_BOUNDS)}}
 
@@ -81,8 +84,10 @@ class Output:
 
 
 # HESSIAN (the diagonal Hessian, with the gradient) costs kernels of its own: only on request.
+# VARIANCE_GRADIENT (the gradient w.r.t. VARIANCE) likewise, for the losses with a variance.
 OUTPUTS: tuple[Output, ...] = (Output(LOSS, gradient=False), Output(GRADIENT, gradient=True),
-                               Output(HESSIAN, gradient=True, default=False))
+                               Output(HESSIAN, gradient=True, default=False),
+                               Output(VARIANCE_GRADIENT, gradient=True, default=False))
 _OUTPUTS_BY_NAME = {out.name: out for out in OUTPUTS}
 
 
@@ -99,10 +104,11 @@ def input_tensors(request: kpb.ModelInferRequest) -> dict[str, _wire.Tensor]:
     tensors: dict[str, _wire.Tensor] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
-        if name not in (PREDICTIONS, TARGETS, SAMPLE_WEIGHT):
+        if name not in INPUTS:
             raise InvalidArgumentError(
                 f"inputs[{index}].name", f"unknown input {name!r}; the inputs are "
-                f"{PREDICTIONS}, {TARGETS} and (optional) {SAMPLE_WEIGHT}", UNKNOWN_TENSOR)
+                f"{PREDICTIONS}, {TARGETS}, (optional) {SAMPLE_WEIGHT} and, for the losses "
+                f"that take one, {VARIANCE}", UNKNOWN_TENSOR)
         if name in tensors:
             raise InvalidArgumentError(f"inputs[{index}].name", f"input {name} is given twice",
                                        MALFORMED_REQUEST)
@@ -285,8 +291,11 @@ def response(request: kpb.ModelInferRequest, model_version: str, outputs: tuple[
             array = np.asarray(result.loss, dtype=np.float64).reshape(
                 np.shape(result.loss) or (1,))
         else:
-            array = result.gradient if out.name == GRADIENT else result.hessian
-        assert array is not None
+            array = {GRADIENT: result.gradient, HESSIAN: result.hessian,
+                     VARIANCE_GRADIENT: result.variance_gradient}[out.name]
+        if array is None:  # VARIANCE_GRADIENT of a loss without a variance
+            raise InvalidArgumentError("outputs", f"model {request.model_name!r} has no "
+                                       f"output {out.name}", UNKNOWN_TENSOR)
         datatype = _DATATYPE_OF[array.dtype.name]
         tensor = message.outputs.add(name=out.name, datatype=datatype, shape=array.shape)
         little = np.ascontiguousarray(array, dtype=_DATATYPES[datatype][1])
