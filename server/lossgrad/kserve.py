@@ -2,10 +2,12 @@
 every loss of the catalog is a model, so that tritonclient, perf_analyzer, KServe and
 Seldon call lossgrad with their own code.
 
-A model takes the inputs PREDICTIONS, TARGETS and, optionally, SAMPLE_WEIGHT, and gives
-the outputs LOSS (FP64: the scalar of the ``sum``/``mean`` reductions as shape [1], the
-per-position values of ``none`` in their shape) and GRADIENT (the predictions' shape and
-datatype). Loss parameters, ``reduction`` and ``allow_nonfinite`` are request parameters.
+A model takes the inputs PREDICTIONS, TARGETS, optionally SAMPLE_WEIGHT (and VARIANCE for
+the losses with a variance), and gives the outputs LOSS (FP64: the scalar of the
+``sum``/``mean`` reductions as shape [1], the per-position values of ``none`` in their
+shape) and GRADIENT (the predictions' shape and datatype); HESSIAN and VARIANCE_GRADIENT
+only when requested. Loss parameters, ``reduction``, ``allow_nonfinite`` and the Hessian's
+``hessian``/``hessian_floor``/``hessian_constant`` are request parameters.
 ModelInfer converts the request to arrays and calls :func:`lossgrad.engine.compute`, as
 ``lossgrad.v1`` does, so both APIs give the same bits; tensors are validated by the same
 code (:func:`lossgrad.wire.decode_tensor`, then the engine). Errors keep the engine's
