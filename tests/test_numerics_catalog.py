@@ -242,3 +242,51 @@ def test_value_and_gradient(case: Case, shape, weights, reduction, dtype):
             if want is not None:
                 np.testing.assert_allclose(got.astype(np.float64), want, rtol=GRAD32_RTOL,
                                            atol=GRAD32_ATOL * float(np.max(np.abs(want))))
+
+
+# ---------------------------------------------------------------- diagonal Hessians
+
+NO_HESSIAN = ("sigmoid_focal", "softmax_focal", "gaussian_nll")
+HESSIAN_CASES = [
+    pytest.param(case, shape, id=f"{case.id}-{'x'.join(map(str, shape))}")
+    for cases, shape in ((ELEMENTWISE_CASES, (4, 2, 3)), (CLASS_CASES, (2, 3, 4)))
+    for case in cases if _loss_name(case.loss) not in NO_HESSIAN
+]
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+@pytest.mark.parametrize(("case", "shape"), HESSIAN_CASES)
+def test_exact_hessian_is_the_derivative_of_the_gradient(case: Case, shape, reduction):
+    rng = np.random.default_rng(_seed("hessian", case.id, shape))
+    x, y, _ = make_inputs(case, shape, np.float64, rng)
+    name = _loss_name(case.loss)
+    pos_shape = refc.position_shape(name, shape)
+    sw = make_sample_weight("batch", pos_shape, np.float64, rng)
+    params = make_params(case, shape)
+    kw = {"reduction": reduction, "sample_weight": sw, **params}
+    r = compute(case.loss, x, y, hessian="exact", **kw)
+    plain = compute(case.loss, x, y, **kw)
+    assert r.loss == plain.loss  # the Hessian path computes the same loss and gradient
+    np.testing.assert_allclose(r.gradient, plain.gradient, rtol=1e-15, atol=0)
+
+    def grad_at(i: int, h: float) -> float:
+        xs = x.copy()
+        xs.flat[i] += h
+        return float(compute(case.loss, xs, y, **kw).gradient.flat[i])
+
+    fd = np.empty_like(x)
+    for i in range(x.size):
+        h = 1e-6 * max(1.0, abs(float(x.flat[i])))
+        fd.flat[i] = (grad_at(i, h) - grad_at(i, -h)) / (2 * h)
+    scale = max(1.0, float(np.max(np.abs(fd))))
+    np.testing.assert_allclose(r.hessian, fd, rtol=1e-5, atol=1e-7 * scale)
+
+    # constant mode: c with the gradient's weights and scale, 0 where a row is ignored.
+    const = compute(case.loss, x, y, hessian="constant", hessian_constant=0.5, **kw)
+    w = ref.position_weights(sw, pos_shape)
+    if "ignore_index" in params:
+        w = np.where(y == params["ignore_index"], 0.0, w)
+    divisor = plain.weight_sum if reduction == "mean" else 1.0
+    want = np.broadcast_to((0.5 * w / divisor).reshape(pos_shape + (1,) * (x.ndim - len(
+        pos_shape))), x.shape)
+    np.testing.assert_allclose(const.hessian, want, rtol=1e-15)

@@ -270,3 +270,39 @@ def test_row_formulas(loss, params, formula, targets, reduction, dtype):
         y = rng.integers(0, 5, size=shape[:-1])
     r = compute(loss, x, y, reduction=reduction, **params)
     check(r, reduction, reduced(formula, reduction), x, y)
+
+
+# ---------------------------------------------------------------- Hessians by double backward
+
+HESSIAN_FORMULAS = [
+    pytest.param("smooth_l1", {"beta": 0.5},
+                 lambda x, y: F.smooth_l1_loss(x, y, beta=0.5, reduction="none"), "values",
+                 id="smooth_l1"),
+    pytest.param("log_cosh", {}, _log_cosh, "values", id="log_cosh"),
+    pytest.param("msle", {}, _msle, "positive", id="msle"),
+    pytest.param("tweedie", {"power": 1.3}, _tweedie(1.3), "positive", id="tweedie"),
+    pytest.param("poisson_nll", {}, lambda x, y: F.poisson_nll_loss(x, y, reduction="none"),
+                 "log_rates", id="poisson_nll-log"),
+    pytest.param("poisson_nll", {"log_input": False},
+                 lambda x, y: F.poisson_nll_loss(x, y, log_input=False, reduction="none"),
+                 "positive", id="poisson_nll-rate"),
+    pytest.param("cosine_similarity", {}, _cosine, "values", id="cosine_similarity"),
+]
+
+
+@pytest.mark.parametrize(("loss", "params", "formula", "inputs"), HESSIAN_FORMULAS)
+def test_hessian_matches_pytorch_double_backward(loss, params, formula, inputs):
+    rng = _rng("hessian", loss, sorted(params))
+    shape = (3, 4)
+    if inputs == "values":
+        x, y = _values(rng, shape, np.float64)
+    elif inputs == "positive":
+        x, y = rng.uniform(0.2, 4.0, size=shape), rng.poisson(2.0, size=shape).astype(float)
+    else:
+        x, y = rng.normal(size=shape), rng.poisson(2.0, size=shape).astype(float)
+    r = compute(loss, x, y, reduction="sum", hessian="exact", **params)
+    yt = torch.from_numpy(y)
+    full = torch.autograd.functional.hessian(lambda xt: formula(xt, yt).sum(),
+                                             torch.from_numpy(x))
+    want = full.reshape(x.size, x.size).diagonal().reshape(shape).numpy()
+    _assert_close(r.hessian, want, 1e-10, 1e-12)

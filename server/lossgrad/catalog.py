@@ -286,31 +286,38 @@ LOSSES: tuple[LossSpec, ...] = (
         "smooth_l1", Layout.ELEMENTWISE,
         "0.5 r^2 / beta if |r| < beta else |r| - 0.5 beta, r = p - y; |r| for beta = 0",
         "PyTorch SmoothL1Loss", _VALUES, _SAME_VALUES, params=(BETA,),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="1 / beta for |r| <= beta (the quadratic side at the boundary), 0 outside "
+                "and for beta = 0",
     ),
     LossSpec(
         "log_cosh", Layout.ELEMENTWISE, "log cosh(p - y); gradient tanh(p - y)",
         "Keras LogCosh (per element)", _VALUES, _SAME_VALUES,
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES, hessian="sech^2 r = 1 - tanh^2 r, in (0, 1]",
     ),
     LossSpec(
         "quantile", Layout.ELEMENTWISE,
         "pinball loss tau max(y - p, 0) + (1 - tau) max(p - y, 0); gradient 0 at p = y",
         "scikit-learn mean_pinball_loss", _VALUES, _SAME_VALUES, params=(QUANTILE,),
         aliases=("pinball",),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="0 (piecewise linear); GBMs run it with a constant h = 1 (LightGBM "
+                "quantile, XGBoost reg:quantileerror)",
     ),
     LossSpec(
         "mape", Layout.ELEMENTWISE,
         "100 |p - y| / max(|y|, 1e-7): a percentage",
         "Keras MeanAbsolutePercentageError (per element)", _VALUES, _SAME_VALUES,
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES, hessian="0 (piecewise linear)",
     ),
     LossSpec(
         "msle", Layout.ELEMENTWISE,
         "(log1p(max(p, 1e-7)) - log1p(max(y, 1e-7)))^2; gradient 0 where p <= 1e-7",
         "Keras MeanSquaredLogarithmicError (per element)", _VALUES, _SAME_VALUES,
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="2 (1 - d) / (1 + p)^2, d = log1p(p) - log1p(y), where p > 1e-7 (negative "
+                "where 1 + p > e (1 + y): not convex; XGBoost floors it at 1e-6), 0 where "
+                "the clamp is active",
     ),
     LossSpec(
         "poisson_nll", Layout.ELEMENTWISE,
@@ -322,7 +329,9 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
                   "observed counts y, same shape as predictions (integers are converted)"),
         params=(LOG_INPUT, FULL),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="e^p for log-rates (XGBoost count:poisson adds max_delta_step 0.7 to p); "
+                "y / (p + 1e-8)^2 for rates",
     ),
     LossSpec(
         "tweedie", Layout.ELEMENTWISE,
@@ -335,7 +344,9 @@ LOSSES: tuple[LossSpec, ...] = (
                   "targets, same shape as predictions: y >= 0 for 1 <= power < 2, y > 0 for "
                   "power >= 2, any real for power <= 0"),
         params=(POWER,),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="2 mu^-p ((1 - p) + p y / mu) (power 0: 2; 1: 2 y / mu^2; 2: "
+                "2 (2 y - mu) / mu^3): negative in places outside 1 <= p <= 2",
     ),
     LossSpec(
         "gaussian_nll", Layout.ELEMENTWISE,
@@ -347,7 +358,7 @@ LOSSES: tuple[LossSpec, ...] = (
             InputKind.VARIANCES, FLOAT_DTYPES,
             "variances >= 0: the predictions' shape, that shape with the last axis 1, or "
             "without the last axis (shared along it); converted to the predictions' dtype"),
-        hessian="none offered for this loss yet",
+        hessian="none offered (a third input); w.r.t. the mean it would be 1 / v",
     ),
     LossSpec(
         "sigmoid_focal", Layout.ELEMENTWISE,
@@ -357,7 +368,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES + INDEX_DTYPES,
                   "labels in [0, 1] (0/1, or soft), same shape as predictions"),
         params=(FOCAL_ALPHA, GAMMA),
-        hessian="none offered for this loss yet",
+        hessian="none offered (not convex for gamma > 0; reference section 4.8)",
     ),
     LossSpec(
         "softmax_focal", Layout.DENSE_ROWS,
@@ -367,7 +378,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
                   "probability rows in [0, 1] (one-hot or soft), same shape as predictions"),
         params=(SOFTMAX_FOCAL_ALPHA, GAMMA),
-        hessian="none offered for this loss yet",
+        hessian="none offered (not convex for gamma > 0)",
     ),
     LossSpec(
         "nll", Layout.SPARSE_ROWS,
@@ -379,7 +390,7 @@ LOSSES: tuple[LossSpec, ...] = (
                   "axis"),
         _CLASS_TARGETS,
         params=(IGNORE_INDEX, CLASS_WEIGHT, SMOOTHING),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES, hessian="0 (linear in the log-probabilities)",
     ),
     LossSpec(
         "multiclass_hinge", Layout.SPARSE_ROWS,
@@ -388,7 +399,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.SCORES, FLOAT_DTYPES, "scores, shape (..., C), C on the last axis"),
         _CLASS_TARGETS,
         params=(IGNORE_INDEX, CLASS_WEIGHT),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES, hessian="0 (piecewise linear)",
     ),
     LossSpec(
         "categorical_hinge", Layout.DENSE_ROWS,
@@ -397,7 +408,7 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.SCORES, FLOAT_DTYPES, "scores, shape (..., C), C on the last axis"),
         InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
                   "one-hot rows (or any real values), same shape as predictions"),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES, hessian="0 (piecewise linear)",
     ),
     LossSpec(
         "cosine_similarity", Layout.DENSE_ROWS,
@@ -406,7 +417,9 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.VALUES, FLOAT_DTYPES, "vectors, shape (..., D), D on the last axis"),
         InputSpec(InputKind.VALUES, FLOAT_DTYPES + INDEX_DTYPES,
                   "vectors, same shape as predictions"),
-        hessian="none offered for this loss yet",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="diagonal of the dense Hessian of -x.u / |x|, u = y / |y|: "
+                "2 u_k x_k / n^3 + (x.u)(1 / n^3 - 3 x_k^2 / n^5), n = |x|; 0 at the norm floor",
     ),
 )
 

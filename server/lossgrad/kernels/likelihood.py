@@ -103,3 +103,40 @@ def gaussian_nll(x, y, var, full):  # type: ignore[no-untyped-def]
     const = _HALF_LOG_2PI if full else 0.0
     loss = 0.5 * (flog(v) + r * rv) + const + _nan_if(vd < 0.0)
     return loss, rv, 0.5 * (1.0 - r * rv) / v
+
+
+# --- second derivatives (the Hessian path: ``second_order.py``) -----------------------------
+
+@inline
+def poisson_log_hessian(x, y, full, b):  # type: ignore[no-untyped-def]
+    """e^x (XGBoost's count:poisson adds max_delta_step to x; that is not done here)."""
+    return fexp(np.float64(x))
+
+
+@inline
+def poisson_rate_hessian(x, y, full, b):  # type: ignore[no-untyped-def]
+    """y / (x + 1e-8)^2."""
+    u = np.float64(x) + POISSON_EPS
+    return np.float64(y) / (u * u)
+
+
+@inline
+def tweedie_hessian(x, y, power, b):  # type: ignore[no-untyped-def]
+    """2 x^-p ((1 - p) + p y / x): positive for 1 < p < 2 and y >= 0, negative where
+    (1 - p) x + p y < 0 otherwise."""
+    xd, yd, p = np.float64(x), np.float64(y), np.float64(power)
+    return 2.0 * fpow(xd, -p) * ((1.0 - p) + p * yd / xd)
+
+
+@inline
+def poisson_deviance_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """2 y / x^2."""
+    xd = np.float64(x)
+    return 2.0 * np.float64(y) / (xd * xd)
+
+
+@inline
+def gamma_deviance_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """2 (2 y - x) / x^3 (negative where x > 2 y)."""
+    xd = np.float64(x)
+    return 2.0 * (2.0 * np.float64(y) - xd) / (xd * xd * xd)

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._numerics import block_sum, fconst, inline, poison
+from ._numerics import block_sum, clip, fconst, inline, poison
 
 COSINE_EPSILON = 1e-7  # keras.ops.normalize: x / max(||x||, 1e-7)
 
@@ -141,3 +141,60 @@ def cosine_similarity_row(x, t, g, e, h, coef, unused, strict, want_grad):  # ty
         for k in range(x.size):
             g[k] = a * t[k] - b * x[k]
     return loss + _row_poison(t, e, strict) + _row_poison(x, e, strict)
+
+
+# --- with the diagonal Hessian (``second_order.py``) ----------------------------------------
+
+@inline
+def _constant_hessian(hs, coef, lo, hi):  # type: ignore[no-untyped-def]
+    """hs = coef * clip(0): the loss is piecewise linear in the predictions."""
+    v = fconst(hs, coef * clip(0.0, lo, hi))
+    for k in range(hs.size):
+        hs[k] = v
+
+
+@inline
+def nll_row_hessian(x, yi, cw, total_w, g, hs, e, h, coef, smoothing, lo, hi,  # type: ignore[no-untyped-def]
+                    strict):
+    """0: linear in the log-probabilities."""
+    loss = nll_row(x, yi, cw, total_w, g, e, h, coef, smoothing, strict, True)
+    _constant_hessian(hs, coef, lo, hi)
+    return loss
+
+
+@inline
+def multiclass_hinge_row_hessian(x, yi, cw, total_w, g, hs, e, h, coef, smoothing, lo,  # type: ignore[no-untyped-def]
+                                 hi, strict):
+    """0: piecewise linear."""
+    loss = multiclass_hinge_row(x, yi, cw, total_w, g, e, h, coef, smoothing, strict, True)
+    _constant_hessian(hs, coef, lo, hi)
+    return loss
+
+
+@inline
+def categorical_hinge_row_hessian(x, t, g, hs, e, h, coef, unused, lo, hi, strict):  # type: ignore[no-untyped-def]
+    """0: piecewise linear."""
+    loss = categorical_hinge_row(x, t, g, e, h, coef, unused, strict, True)
+    _constant_hessian(hs, coef, lo, hi)
+    return loss
+
+
+@inline
+def cosine_similarity_row_hessian(x, t, g, hs, e, h, coef, unused, lo, hi, strict):  # type: ignore[no-untyped-def]
+    """2 u_k x_k / n^3 + (x . u)(1 / n^3 - 3 x_k^2 / n^5), n = ||x||, u = t / ||t||_e (the
+    diagonal of a dense Hessian); 0 where the norm floor is active."""
+    loss = cosine_similarity_row(x, t, g, e, h, coef, unused, strict, True)
+    sxx = _sum_products(x, x, h)
+    stt = _sum_products(t, t, h)
+    sxt = _sum_products(x, t, h)
+    floor = COSINE_EPSILON * COSINE_EPSILON
+    nt = math.sqrt(max(stt, floor))
+    n = math.sqrt(sxx)
+    n3 = n * n * n
+    xu = sxt / nt
+    for k in range(x.size):
+        xk = np.float64(x[k])
+        uk = np.float64(t[k]) / nt
+        hk = 2.0 * uk * xk / n3 + xu * (1.0 / n3 - 3.0 * xk * xk / (n3 * n * n))
+        hs[k] = fconst(x, coef * clip(hk if sxx > floor else 0.0, lo, hi))
+    return loss

@@ -102,3 +102,39 @@ def msle(x, y, a, b):  # type: ignore[no-untyped-def]
     d = flog1p(xc) - flog1p(max(np.float64(y), eps))
     g = 2.0 * d / (1.0 + xc)
     return d * d, (g if xd > eps else 0.0)
+
+
+# --- second derivatives (the Hessian path: ``second_order.py``) -----------------------------
+
+@inline
+def smooth_l1_hessian(x, y, beta, b):  # type: ignore[no-untyped-def]
+    """1 / beta for |r| <= beta (the quadratic side at the boundary), 0 outside and for
+    beta = 0 (L1)."""
+    inside = (beta > fconst(x, 0.0)) & (abs(x - y) <= beta)
+    return fconst(x, 1.0) / beta if inside else fconst(x, 0.0)
+
+
+@inline
+def log_cosh_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """sech^2 r = 4 e / (1 + e)^2, e = e^(-2|r|): in (0, 1], no cancellation anywhere."""
+    e = fexp_nonpositive(fconst(x, -2.0) * abs(x - y))
+    d = fconst(x, 1.0) + e
+    return fconst(x, 4.0) * e / (d * d)
+
+
+@inline
+def zero_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """0: quantile and mape are piecewise linear in the prediction."""
+    return fconst(x, 0.0)
+
+
+@inline
+def msle_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
+    """2 (1 - d) / (1 + x)^2, d = log1p(x) - log1p(max(y, eps)), where x > eps (negative
+    where 1 + x > e (1 + y): MSLE is not convex); 0 where the clamp is active."""
+    xd = np.float64(x)
+    eps = KERAS_EPSILON
+    xc = max(xd, eps)
+    d = flog1p(xc) - flog1p(max(np.float64(y), eps))
+    u = 1.0 + xc
+    return 2.0 * (1.0 - d) / (u * u) if xd > eps else 0.0

@@ -33,17 +33,49 @@ from .classification import (
 from .divergence import kl_log_row_hessian, kl_probs_row_hessian
 from .drivers import (
     BCE,
+    BCE_LOGITS,
+    CATEGORICAL_HINGE,
     CCE_LOGITS,
     CCE_PROBS,
     HINGE,
     HUBER,
+    KL_LOG,
     KL_PROBS,
+    LOG_COSH,
     MAE,
+    MAPE,
     MSE,
+    MSLE,
+    MULTICLASS_HINGE,
+    NLL,
+    POISSON_DEVIANCE,
+    POISSON_LOG,
+    POISSON_RATE,
     PSEUDO_HUBER,
+    QUANTILE,
+    SMOOTH_L1,
     SQUARED_HINGE,
+    TWEEDIE,
     _combine,
     loop,
+)
+from .likelihood import (
+    gamma_deviance,
+    gamma_deviance_hessian,
+    poisson_deviance,
+    poisson_deviance_hessian,
+    poisson_log,
+    poisson_log_hessian,
+    poisson_rate,
+    poisson_rate_hessian,
+    tweedie,
+    tweedie_hessian,
+)
+from .multiclass import (
+    categorical_hinge_row_hessian,
+    cosine_similarity_row_hessian,
+    multiclass_hinge_row_hessian,
+    nll_row_hessian,
 )
 from .regression import (
     huber,
@@ -54,6 +86,17 @@ from .regression import (
     mse_hessian,
     pseudo_huber,
     pseudo_huber_hessian,
+)
+from .robust import (
+    log_cosh,
+    log_cosh_hessian,
+    mape,
+    msle,
+    msle_hessian,
+    quantile,
+    smooth_l1,
+    smooth_l1_hessian,
+    zero_hessian,
 )
 
 # --- elementwise ---------------------------------------------------------------------
@@ -114,9 +157,39 @@ def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, stric
     elif op == BCE:
         _element_loop(bce, bce_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
                       strict)
-    else:
+    elif op == BCE_LOGITS:
         _element_loop(bce_logits, bce_logits_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa,
                       fb, lo, hi, strict)
+    elif op == SMOOTH_L1:
+        _element_loop(smooth_l1, smooth_l1_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb,
+                      lo, hi, strict)
+    elif op == LOG_COSH:
+        _element_loop(log_cosh, log_cosh_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb,
+                      lo, hi, strict)
+    elif op == QUANTILE:
+        _element_loop(quantile, zero_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo,
+                      hi, strict)
+    elif op == MAPE:
+        _element_loop(mape, zero_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    elif op == MSLE:
+        _element_loop(msle, msle_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo, hi,
+                      strict)
+    elif op == POISSON_LOG:
+        _element_loop(poisson_log, poisson_log_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa,
+                      fb, lo, hi, strict)
+    elif op == POISSON_RATE:
+        _element_loop(poisson_rate, poisson_rate_hessian, xb, yb, wb, lb, ob, gb, hb, scale,
+                      fa, fb, lo, hi, strict)
+    elif op == TWEEDIE:
+        _element_loop(tweedie, tweedie_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo,
+                      hi, strict)
+    elif op == POISSON_DEVIANCE:
+        _element_loop(poisson_deviance, poisson_deviance_hessian, xb, yb, wb, lb, ob, gb, hb,
+                      scale, fa, fb, lo, hi, strict)
+    else:  # GAMMA_DEVIANCE (sigmoid_focal has no Hessian mode: never routed here)
+        _element_loop(gamma_deviance, gamma_deviance_hessian, xb, yb, wb, lb, ob, gb, hb,
+                      scale, fa, fb, lo, hi, strict)
     return block_sum(lb)
 
 
@@ -175,7 +248,15 @@ def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict):  
     if op == KL_PROBS:
         return _dense_loop(kl_probs_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
                            strict)
-    return _dense_loop(kl_log_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi, strict)
+    if op == KL_LOG:
+        return _dense_loop(kl_log_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
+                           strict)
+    if op == CATEGORICAL_HINGE:
+        return _dense_loop(categorical_hinge_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
+                           hi, strict)
+    # COSINE_SIMILARITY (softmax_focal has no Hessian mode: never routed here)
+    return _dense_loop(cosine_similarity_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
+                       hi, strict)
 
 
 @kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8, f8,
@@ -243,6 +324,12 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,
     if op == SPARSE_LOGITS:
         return _sparse_loop(sparse_logits_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb,
                             scale, ignore, smoothing, lo, hi, strict)
+    if op == MULTICLASS_HINGE:
+        return _sparse_loop(multiclass_hinge_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb,
+                            scale, ignore, smoothing, lo, hi, strict)
+    if op == NLL:
+        return _sparse_loop(nll_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb, scale,
+                            ignore, smoothing, lo, hi, strict)
     return _sparse_loop(sparse_probs_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb, scale,
                         ignore, smoothing, lo, hi, strict)
 
