@@ -115,3 +115,16 @@ def test_half_through_the_client(client: LossClient, dtype: np.dtype) -> None:
         assert got.loss == expected.loss
     infos = {info.name: info for info in client.list_losses()}
     assert {"float16", "bfloat16"} <= set(infos["mse"].predictions.dtypes)
+
+
+def test_values_past_the_half_range_round_to_infinity() -> None:
+    """MAPE's gradient at a zero target is 100 / (n * eps): past float16's 65504, so it
+    rounds to +/-inf (IEEE), with no warning raised; bfloat16's range holds it."""
+    x = np.array([1.0, -1.0, 2.0, 2.0], dtype=F16)
+    y = np.array([0.0, 0.0, 2.0, 1.0], dtype=F16)
+    result = compute("mape", x, y, reduction="mean")
+    assert result.gradient is not None and result.gradient.dtype == F16
+    assert result.gradient[0] == np.inf and result.gradient[1] == -np.inf
+    assert np.isfinite(result.gradient[2:]).all()
+    wide = compute("mape", x.astype(BF16), y.astype(BF16), reduction="mean")
+    assert wide.gradient is not None and np.isfinite(wide.gradient.astype(np.float64)).all()

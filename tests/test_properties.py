@@ -34,8 +34,9 @@ _MAX_VALID_ELEMENTS = 512  # tensors whose bytes match their shape stay this sma
 _ELEMENTS_LIMIT = 1 << 20  # the max_elements the in-process path checks against
 _NAMES = sorted({name for spec in catalog.LOSSES for name in (spec.name, *spec.aliases)})
 _ITEMSIZE = {pb.DATA_TYPE_FLOAT32: 4, pb.DATA_TYPE_FLOAT64: 8, pb.DATA_TYPE_INT32: 4,
-             pb.DATA_TYPE_INT64: 8}
-_FLOATS = {pb.DATA_TYPE_FLOAT32: "<f4", pb.DATA_TYPE_FLOAT64: "<f8"}
+             pb.DATA_TYPE_INT64: 8, pb.DATA_TYPE_FLOAT16: 2, pb.DATA_TYPE_BFLOAT16: 2}
+_FLOATS = {pb.DATA_TYPE_FLOAT32: "<f4", pb.DATA_TYPE_FLOAT64: "<f8",
+           pb.DATA_TYPE_FLOAT16: "<f2"}
 _INTS = {pb.DATA_TYPE_INT32: "<i4", pb.DATA_TYPE_INT64: "<i8"}
 _ACCEPTED = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
              grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -67,11 +68,11 @@ def tensor_data(draw: st.DrawFn, dtype: int, shape: list[int]) -> bytes:
     garbled = draw(st.integers(0, 11)) == 0
     if dtype not in _ITEMSIZE or not 0 <= count <= _MAX_VALID_ELEMENTS or garbled:
         return draw(st.binary(max_size=72))
-    if dtype in _FLOATS:
+    if dtype in _FLOATS or dtype == pb.DATA_TYPE_BFLOAT16:
         values = draw(st.lists(mostly(st.floats(-3, 3), doubles),
                                min_size=count, max_size=count))
         with np.errstate(over="ignore"):  # float64 values that overflow float32 become inf
-            return np.array(values, dtype=_FLOATS[dtype]).tobytes()
+            return _float_bytes(np.array(values), dtype)
     values = draw(st.lists(mostly(st.integers(-1, 5), st.integers(*_INT32)),
                            min_size=count, max_size=count))
     return np.array(values, dtype=_INTS[dtype]).tobytes()
@@ -111,8 +112,16 @@ def _array_tensor(values: list[Any], shape: tuple[int, ...], dtype: int) -> pb.T
     if dtype in _INTS and array.dtype.kind == "f":
         array = np.nan_to_num(array).clip(-10, 10)
     with np.errstate(over="ignore"):  # float64 values past float32's range become inf
-        data = array.astype(_FLOATS.get(dtype) or _INTS[dtype]).reshape(shape).tobytes()
+        data = (_float_bytes(array.reshape(shape), dtype) if dtype not in _INTS
+                else array.astype(_INTS[dtype]).reshape(shape).tobytes())
     return pb.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+def _float_bytes(array: np.ndarray, dtype: int) -> bytes:
+    """Little-endian bytes of ``array`` as the floating DataType ``dtype``."""
+    if dtype == pb.DATA_TYPE_BFLOAT16:  # the upper half of each float32
+        return (array.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+    return array.astype(_FLOATS[dtype]).tobytes()
 
 
 @st.composite

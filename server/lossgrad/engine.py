@@ -205,8 +205,12 @@ def _parallel(batch: Batch) -> bool:
 
 def _narrow(batch: Batch, array: np.ndarray) -> np.ndarray:
     """An output in the predictions' own type: a half type's values are computed in
-    float32 and rounded once, here (to nearest, ties to even)."""
-    return array if batch.out_dtype is None else array.astype(batch.out_dtype)
+    float32 and rounded once, here (to nearest, ties to even); a value past the half
+    type's range becomes an infinity of its sign, as IEEE rounding has it."""
+    if batch.out_dtype is None:
+        return array
+    with np.errstate(over="ignore"):
+        return array.astype(batch.out_dtype)
 
 
 def _result(batch: Batch, total: float, out: np.ndarray,
