@@ -8,7 +8,8 @@ default and tuned glibc malloc), concurrency (two large requests at once), memor
 peak RSS per request size), sidecar (a co-located client through shared memory against
 local PyTorch), stream (language-model logits through ComputeStream: throughput, server and
 client peak RSS), kserve (the Open Inference Protocol API under perf_analyzer, and the
-Python clients). ``--quick`` uses fewer repetitions and skips the largest inputs. Exits 1
+Python clients), plugin (a plugin loss with lossgrad's math against libm's). ``--quick``
+uses fewer repetitions and skips the largest inputs. Exits 1
 if a correctness check failed. With ``--only``, the sections run replace their namesakes
 in an existing RESULTS.md and the others are kept.
 """
@@ -44,7 +45,7 @@ from servers import MALLOC_ENV, child_env
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar", "stream",
-            "kserve")
+            "kserve", "plugin")
 CHILD_TIMEOUT_S = 600
 # Before each section, wait at most this long for other processes to leave the CPUs idle.
 QUIET_WAIT_S = {False: 20.0, True: 2.0}  # by --quick
@@ -61,6 +62,7 @@ TITLES = {
     "sidecar": "6. Co-located sidecar: shared memory against local PyTorch",
     "stream": "7. Language-model logits through ComputeStream",
     "kserve": "8. Open Inference Protocol (KServe v2): perf_analyzer and the Python clients",
+    "plugin": "9. Plugin losses: lossgrad's math against libm",
 }
 
 E2E_NOTE = """\
@@ -208,6 +210,12 @@ def _kserve(quick: bool) -> tuple[str, list[str]]:
     return kserve_bench.run(quick)
 
 
+def _plugin(quick: bool) -> tuple[str, list[str]]:
+    import plugin_bench
+
+    return plugin_bench.run(quick)
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "engine": _engine,
     "parallel": _parallel,
@@ -217,6 +225,7 @@ RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "sidecar": _sidecar,
     "stream": _stream,
     "kserve": _kserve,
+    "plugin": _plugin,
 }
 NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar", "stream", "kserve"}
 

@@ -110,6 +110,12 @@ def _installed(package: dict[str, Any]) -> bool:
 @pytest.fixture(scope="module")
 def node() -> str:
     """The node executable, with client/node's locked dependencies installed."""
+    return node_with_dependencies()
+
+
+def node_with_dependencies() -> str:
+    """The node executable, after ``npm ci`` in client/node unless node_modules holds the
+    pinned versions (skips the test when node or npm is missing)."""
     node, npm = _node_tools()
     package = json.loads((NODE_DIR / "package.json").read_text())
     if not _installed(package):
@@ -127,19 +133,25 @@ def test_package_pins_exact_versions_and_lockfile_agrees() -> None:
         assert lock["packages"][f"node_modules/{name}"]["version"] == version
 
 
-def test_node_client_matches_python_client(node: str, server_address: str) -> None:
-    requests = _requests()
-    done = subprocess.run([node, str(NODE_DIR / "compute-json.js"), server_address],
+def run_both(node: str, address: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Send ``requests`` with compute-json.js and with LossClient to ``address``; assert
+    the results are equal and return Node's."""
+    done = subprocess.run([node, str(NODE_DIR / "compute-json.js"), address],
                           input=json.dumps(requests), capture_output=True, text=True,
                           timeout=NODE_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
-    from_node = json.loads(done.stdout)
+    from_node: list[dict[str, Any]] = json.loads(done.stdout)
     assert len(from_node) == len(requests)
-    with LossClient(server_address, timeout=60.0) as client:
+    with LossClient(address, timeout=60.0) as client:
         for request, node_result in zip(requests, from_node, strict=True):
             expected = _python_result(client, request)
             # Floats compare exactly (JSON carries the shortest repr that round-trips),
             # tensors by their bytes.
             assert node_result == expected, (request["method"], request["loss"])
+    return from_node
+
+
+def test_node_client_matches_python_client(node: str, server_address: str) -> None:
+    from_node = run_both(node, server_address, _requests())
     assert from_node[-1]["error"]["code"] == 3  # INVALID_ARGUMENT
     assert "delta" in from_node[-1]["error"]["details"]

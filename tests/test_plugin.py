@@ -3,7 +3,7 @@ folder on PYTHONPATH, served by a real ``lossgrad serve`` subprocess and called 
 the real client; and the loader's checks of broken plugins.
 
 The Fair loss reference below is written from its formula, apart from the plugin:
-l = c^2 (u - log(1 + u)), u = |p - y| / c (XGBoost's and LightGBM's ``fair`` objective).
+l = c^2 (u - log(1 + u)), u = |p - y| / c (LightGBM's ``fair`` objective).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import textwrap
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -34,6 +35,7 @@ from lossgrad_client import InvalidArgumentError, LossClient
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
 from test_cli import READY_LINE, READY_TIMEOUT_S, STOP_TIMEOUT_S, _readline
+from test_node_client import _encode, node_with_dependencies, run_both
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plugin"
 
@@ -424,3 +426,137 @@ def test_param_checks_use_the_request_rules() -> None:
     assert (p.type, p.minimum) == ("double", None)
     assert Loss("x", print, "d").predictions.kind == "values"
 
+
+
+# --- Hessians: the example's second derivative, run by the built-in Hessian driver ---------
+
+def fair_hessian_reference(p: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    """d/dp of r / (1 + |r| / c): 1 / (1 + |r| / c)^2 (LightGBM's c^2 / (|r| + c)^2)."""
+    u = np.abs(np.asarray(p, np.float64) - np.asarray(y, np.float64)) / c
+    return 1.0 / (1.0 + u) ** 2
+
+
+@pytest.mark.e2e
+def test_hessian_modes_are_listed(client: LossClient) -> None:
+    fair = next(info for info in client.list_losses() if info.name == "fair")
+    assert fair.hessian_modes == ("exact", "clipped", "constant")
+    assert fair.hessian.startswith("1 / (1 + |r|/c)^2")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_hessian_matches_the_reference(client: LossClient, dtype: type, reduction: str) -> None:
+    """Weighted and scaled like the gradient; the loss and gradient are those of the
+    gradient-only call."""
+    rng = np.random.default_rng(9)
+    p = (rng.standard_normal((40, 3)) * 3).astype(dtype)
+    y = rng.standard_normal((40, 3)).astype(dtype)
+    w = rng.uniform(0.0, 2.0, 40)
+    plain = client.compute_gradient("fair", p, y, reduction=reduction, sample_weight=w, c=0.8)
+    with_h = client.compute_gradient("fair", p, y, reduction=reduction, sample_weight=w,
+                                     c=0.8, hessian="exact")
+    weights = ref.position_weights(w, p.shape)
+    want = weights * fair_hessian_reference(p, y, 0.8)
+    if reduction == "mean":
+        want /= weights.sum()
+    rtol = 1e-13 if dtype == np.float64 else 1e-6
+    assert with_h.hessian is not None and with_h.hessian.dtype == dtype
+    np.testing.assert_allclose(with_h.hessian, want, rtol=rtol, atol=0)
+    assert with_h.loss == pytest.approx(plain.loss, rel=rtol)
+    np.testing.assert_allclose(with_h.gradient, plain.gradient, rtol=rtol, atol=0)
+
+
+@pytest.mark.e2e
+def test_hessian_matches_differences_of_the_gradient(client: LossClient) -> None:
+    rng = np.random.default_rng(10)
+    p = rng.standard_normal(200) * 4
+    y = rng.standard_normal(200)
+    h = 1e-6
+    up = client.compute_gradient("fair", p + h, y, reduction="sum", c=1.3).gradient
+    down = client.compute_gradient("fair", p - h, y, reduction="sum", c=1.3).gradient
+    hess = client.compute_gradient("fair", p, y, reduction="sum", c=1.3,
+                                   hessian="exact").hessian
+    np.testing.assert_allclose(hess, (up - down) / (2 * h), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.e2e
+def test_hessian_clipped_and_constant(client: LossClient) -> None:
+    p = np.array([0.0, 0.5, 3.0, -10.0])
+    y = np.zeros(4)
+    exact = fair_hessian_reference(p, y, 1.0)  # 1, 0.444, 0.0625, 0.00826
+    clipped = client.compute_gradient("fair", p, y, reduction="sum", hessian="clipped",
+                                      hessian_floor=0.1).hessian
+    np.testing.assert_allclose(clipped, np.maximum(exact, 0.1), rtol=1e-15)
+    constant = client.compute_gradient("fair", p, y, reduction="sum", hessian="constant",
+                                       hessian_constant=2.5).hessian
+    assert constant.tolist() == [2.5] * 4
+
+
+@pytest.mark.e2e
+def test_lightgbm_remote_fair_matches_its_builtin_fair(client: LossClient) -> None:
+    """lossgrad_client.boosting on the plugin loss: ten rounds with the remote objective
+    give the margins of LightGBM's own ``fair`` objective (``fair_c`` = c)."""
+    lgb = pytest.importorskip("lightgbm")
+    from lossgrad_client.boosting import objective
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(300, 4))
+    label = x @ np.array([1.0, -2.0, 0.5, 0.0]) + rng.standard_t(2, 300)  # heavy tails
+    weight = rng.uniform(0.5, 2.0, 300)
+    params = {"num_leaves": 7, "learning_rate": 0.3, "num_threads": 1, "verbose": -1,
+              "seed": 0, "deterministic": True, "boost_from_average": False}
+
+    def dataset() -> Any:
+        return lgb.Dataset(x, label, weight=weight, free_raw_data=False)
+
+    remote = objective(client, "fair", hessian="exact", c=2.0)
+    mine = lgb.train({**params, "objective": remote}, dataset(), 10)
+    theirs = lgb.train({**params, "objective": "fair", "fair_c": 2.0}, dataset(), 10)
+    ours, expected = (b.predict(x, raw_score=True) for b in (mine, theirs))
+    assert remote.calls == 10
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    assert np.abs(expected).max() > 1.0
+
+
+@pytest.mark.e2e
+def test_xgboost_learns_with_the_remote_fair_objective(client: LossClient) -> None:
+    """XGBoost has no fair objective: its trees fit with the remote one lower the Fair
+    loss on the training set, and each round's (g, h) are the formulas'."""
+    xgb = pytest.importorskip("xgboost")
+    from lossgrad_client.boosting import objective
+
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(300, 4))
+    label = x @ np.array([1.0, -2.0, 0.5, 0.0]) + rng.standard_t(2, 300)
+    remote = objective(client, "fair", c=2.0)
+    data = xgb.DMatrix(x, label, base_margin=np.zeros(300))
+    grad, hess = objective(client, "fair", c=2.0).gradient_hessian(label, np.zeros(300))
+    r = -label
+    np.testing.assert_allclose(grad, r / (1 + np.abs(r) / 2.0), rtol=1e-12)
+    np.testing.assert_allclose(hess, fair_hessian_reference(np.zeros(300), label, 2.0),
+                               rtol=1e-12)
+    booster = xgb.train({"max_depth": 3, "eta": 0.3, "tree_method": "hist", "nthread": 1,
+                         "seed": 0, "disable_default_eval_metric": 1}, data, 20, obj=remote)
+    fitted = booster.predict(data, output_margin=True)
+    before = fair_reference(np.zeros(300), label, 2.0).mean()
+    after = fair_reference(fitted, label, 2.0).mean()
+    assert remote.calls == 20 and after < 0.5 * before
+
+
+@pytest.mark.e2e
+def test_node_client_sends_plugin_parameters(served: str) -> None:
+    """client/node puts a plugin's parameters in LossParams.by_name: the Python client's
+    numbers for a double, an integer given for it, and the same error for an unknown one."""
+    node = node_with_dependencies()
+    rng = np.random.default_rng(14)
+    p, y = rng.standard_normal((5, 4)) * 3, rng.standard_normal((5, 4))
+    tensors = {"predictions": _encode(p), "targets": _encode(y)}
+    from_node = run_both(node, served, [
+        {"method": "computeGradient", "loss": "fair", **tensors, "params": {"c": 2.5}},
+        {"method": "computeLoss", "loss": "fair_loss", **tensors, "reduction": "none",
+         "params": {"c": 2}},
+        {"method": "computeLoss", "loss": "fair", **tensors, "params": {"cc": 1.0}},
+    ])
+    assert from_node[0]["loss"] == pytest.approx(fair_reference(p, y, 2.5).mean(), rel=1e-12)
+    assert from_node[2]["error"]["code"] == 3 and "cc" in from_node[2]["error"]["details"]

@@ -12,8 +12,11 @@
 //
 // Tensors are { data, shape }: data is a Float32Array or Float64Array (predictions,
 // weights), or an Int32Array or BigInt64Array (class indices); its dtype is the dtype
-// on the wire. Parameter names are the LossParams fields (delta, from_logits, ...), as
-// ListLosses gives them. Errors are grpc-js ServiceErrors (code, details).
+// on the wire. Parameter names are those ListLosses gives: the LossParams fields (delta,
+// from_logits, ...) are set as such, any other name (a plugin loss's parameter) travels in
+// LossParams.by_name, typed by its value: a boolean, an integer (a Number with no fraction,
+// or a BigInt; the server takes it for a double parameter too), another Number, or an
+// array of numbers. Errors are grpc-js ServiceErrors (code, details).
 
 const os = require('node:os');
 const path = require('node:path');
@@ -78,23 +81,39 @@ function fromMessage(message, field) {
   return { data, shape };
 }
 
+/** A plugin parameter's ParamValue, typed by the JavaScript value. */
+function paramValue(value, field) {
+  if (typeof value === 'boolean') return { bool_value: value };
+  if (typeof value === 'bigint') return { int64_value: value.toString() };
+  if (typeof value === 'number') {
+    return Number.isSafeInteger(value) ? { int64_value: value } : { double_value: value };
+  }
+  if (Array.isArray(value) && value.every((v) => typeof v === 'number')) {
+    return { double_list_value: { values: value } };
+  }
+  throw new TypeError(`${field}: expected a boolean, number, BigInt or array of numbers, ` +
+                      `got ${value === null ? 'null' : typeof value}`);
+}
+
 function request(loss, predictions, targets, options) {
   const { reduction = 'mean', sampleWeight = null, params = {}, allowNonfinite = false } = options;
   if (!(reduction in REDUCTIONS)) {
     throw new RangeError(`reduction: expected one of ${Object.keys(REDUCTIONS)}, got ${reduction}`);
   }
-  for (const name of Object.keys(params)) {
-    if (!PARAM_NAMES.includes(name)) {
-      throw new RangeError(`params: unknown parameter ${name}; valid: ${PARAM_NAMES.join(', ')}`);
-    }
+  const typed = {};
+  const byName = {};
+  for (const [name, value] of Object.entries(params)) {
+    if (PARAM_NAMES.includes(name) && name !== 'by_name') typed[name] = value;
+    else byName[name] = paramValue(value, `params.${name}`);
   }
+  if (Object.keys(byName).length > 0) typed.by_name = byName;
   return {
     loss,
     predictions: toMessage(predictions, 'predictions'),
     targets: toMessage(targets, 'targets'),
     sample_weight: sampleWeight === null ? null : toMessage(sampleWeight, 'sample_weight'),
     reduction: REDUCTIONS[reduction],
-    params: Object.keys(params).length > 0 ? params : null,
+    params: Object.keys(typed).length > 0 ? typed : null,
     allow_nonfinite: allowNonfinite,
   };
 }

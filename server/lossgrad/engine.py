@@ -238,16 +238,24 @@ def _run_elementwise(batch: Batch, want_grad: bool, op: int, a: float = 0.0,
     """``bounds``: the domain of the loss's inputs, named when a value outside it made the
     loss non-finite."""
     if batch.hessian is not None:  # the Hessian path: separate kernels
-        out, grad = _buffers(batch, True)
-        hess = np.empty_like(grad)
-        total = second_order.elementwise(
-            batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), op, a, b,
-            batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
-        check_nonfinite_total(batch, total, x_unit, t_unit)
-        check_bounds(batch, total, bounds)
-        return _result(batch, total, out, grad, hess)
+        return run_hessian_kernel(batch, second_order.elementwise, op, a, b, x_unit=x_unit,
+                                  t_unit=t_unit, bounds=bounds)
     return run_elementwise_kernel(batch, want_grad, drivers.elementwise, op, a, b,
                                   x_unit=x_unit, t_unit=t_unit, bounds=bounds)
+
+
+def run_hessian_kernel(batch: Batch, kernel: Any, *args: Any, x_unit: bool = False,
+                       t_unit: bool = False, bounds: tuple[Bound, ...] = ()) -> Result:
+    """Run an elementwise Hessian driver, ``kernel(x, t, w, out, grad, hess, scale, *args,
+    bounds, strict, parallel)``, as :func:`run_elementwise_kernel` runs a gradient one."""
+    assert batch.hessian is not None
+    out, grad = _buffers(batch, True)
+    hess = np.empty_like(grad)
+    total = kernel(batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), *args,
+                   batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
+    check_nonfinite_total(batch, total, x_unit, t_unit)
+    check_bounds(batch, total, bounds)
+    return _result(batch, total, out, grad, hess)
 
 
 def run_elementwise_kernel(batch: Batch, want_grad: bool, kernel: Any, *args: Any,

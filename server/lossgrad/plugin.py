@@ -8,10 +8,12 @@ object is a :class:`Loss` or a sequence of them::
 
 A :class:`Loss` gives the name, aliases, parameters (typed, with defaults and ranges), the
 inputs it takes and one element function ``f(x, y, *params) -> (loss, d loss / d x)``,
-written in the subset of Python that numba compiles. The engine runs it in the drivers of
-the built-in elementwise losses, so a plugin loss gets their validation, sample weights,
-reductions, NaN/Inf checks, serial and parallel paths and bit-for-bit determinism. Clients
-only name the loss: code never travels over the wire.
+written in the subset of Python that numba compiles, and optionally a second one,
+``h(x, y, *params) -> d^2 loss / d x^2``, for ComputeGradient's ``hessian`` option.
+The engine runs them in the drivers of the built-in elementwise losses, so a plugin loss
+gets their validation, sample weights, reductions, NaN/Inf checks, serial and parallel
+paths and bit-for-bit determinism. Clients only name the loss: code never travels over
+the wire.
 
 Plugins load once per process: at server start, by ``lossgrad compile``/``losses``, or at
 the first ``lossgrad.compute`` call. A plugin whose object is not valid, whose names clash
@@ -19,6 +21,12 @@ with a built-in loss or another plugin, or whose function does not compile stops
 with a :class:`PluginError` naming the entry point (``errors="fail"``, the default); with
 ``errors="skip"`` it is left out, logged and listed in :attr:`PluginReport.failed` (which
 GetServerInfo shows) while the others load.
+
+Math for element functions: :func:`exp`, :func:`log`, :func:`log1p`, :func:`softplus` and
+:func:`sigmoid` (from ``lossgrad.kernels.elementary``) replace the ``math`` module's, whose
+libm calls keep the driver's loop from vectorising; ``math.sqrt``, ``abs``, ``min`` and
+``max`` compile to instructions and are fine as they are. :func:`fconst` writes a constant
+in the input's float type.
 """
 
 from __future__ import annotations
@@ -36,11 +44,23 @@ from typing import Any
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
 from . import catalog
-from .catalog import InputKind, InputSpec, Layout, LossSpec, ParamSpec, ParamType, PluginSource
+from .catalog import (
+    ALL_HESSIAN_MODES,
+    InputKind,
+    InputSpec,
+    Layout,
+    LossSpec,
+    ParamSpec,
+    ParamType,
+    PluginSource,
+)
 from .kernels._numerics import fconst
+from .kernels.elementary import exp, log, log1p, sigmoid, softplus
+from .kernels.plugin import python_function
 from .request import coerce_param
 
-__all__ = ["GROUP", "Input", "Loss", "Param", "PluginError", "PluginReport", "fconst", "load"]
+__all__ = ["GROUP", "Input", "Loss", "Param", "PluginError", "PluginReport", "exp", "fconst",
+           "load", "log", "log1p", "sigmoid", "softplus"]
 
 GROUP = "lossgrad.losses"
 ENV_PLUGINS = "LOSSGRAD_PLUGINS"
@@ -97,7 +117,14 @@ class Loss:
     function defined at the top level of an importable module (a numba ``njit`` function
     is fine too), compile in numba's nopython mode, and have no branches that depend on
     anything but its arguments. Constants such as ``2.0`` make float32 math run in
-    float64; :func:`fconst` ``(x, 2.0)`` keeps the input's type.
+    float64; :func:`fconst` ``(x, 2.0)`` keeps the input's type. Use this module's
+    :func:`exp`, :func:`log`, :func:`log1p`, :func:`softplus` and :func:`sigmoid` rather
+    than ``math``'s, which are scalar calls that stop the loop from vectorising.
+
+    ``hessian(x, y, *params)``, written the same way, returns d^2 loss / d x^2; with it
+    the loss supports ComputeGradient's ``hessian`` option in all modes (exact, clipped
+    to a floor, constant), run by the built-in Hessian driver. The first line of its
+    docstring is the Hessian's description in ListLosses.
     """
 
     name: str
@@ -108,6 +135,7 @@ class Loss:
     aliases: tuple[str, ...] = ()
     predictions: Input = Input()
     targets: Input = _SAME_SHAPE
+    hessian: Callable[..., Any] | None = None
 
 
 class PluginError(RuntimeError):
@@ -146,6 +174,7 @@ class _Prepared:
     source: PluginSource
     specs: list[LossSpec] = field(default_factory=list)
     drivers: list[tuple[Any, tuple[str, ...]]] = field(default_factory=list)
+    hessians: list[Any] = field(default_factory=list)  # a driver or None, per loss
 
 
 _LOCK = threading.Lock()
@@ -263,10 +292,14 @@ def _prepare(ep: metadata.EntryPoint, source: PluginSource, taken: set[str]) -> 
             raise ValueError(f"loss {loss.name!r}: name(s) {', '.join(clash)} already taken "
                              "(by a built-in loss or another plugin)")
         mine.update(names)
-        _check_function(loss)
-        driver = elementwise_driver(loss.name, loss.elementwise, len(loss.params))
+        _check_function(loss, loss.elementwise, "elementwise")
+        if loss.hessian is not None:
+            _check_function(loss, loss.hessian, "hessian")
+        driver, hessian = elementwise_driver(loss.name, loss.elementwise, len(loss.params),
+                                             loss.hessian)
         item.specs.append(spec)
         item.drivers.append((driver, tuple(p.name for p in loss.params)))
+        item.hessians.append(hessian)
     return item
 
 
@@ -281,7 +314,17 @@ def _spec(loss: Loss, source: PluginSource) -> LossSpec:
         _input(loss.name, "predictions", loss.predictions, FLOAT_DTYPES),
         _input(loss.name, "targets", loss.targets, FLOAT_DTYPES + ("int32", "int64")),
         params=tuple(_param(loss.name, p) for p in loss.params),
-        aliases=tuple(loss.aliases), plugin=source)
+        aliases=tuple(loss.aliases), plugin=source,
+        hessian_modes=ALL_HESSIAN_MODES if loss.hessian is not None else (),
+        hessian=_hessian_note(loss))
+
+
+def _hessian_note(loss: Loss) -> str:
+    """The first line of the Hessian function's docstring (ListLosses shows it)."""
+    if loss.hessian is None:
+        return ""
+    doc = inspect.getdoc(python_function(loss.hessian)) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else "from the plugin"
 
 
 def _input(loss: str, which: str, spec: Input, allowed: tuple[str, ...]) -> InputSpec:
@@ -323,13 +366,11 @@ def _param(loss: str, p: Param) -> ParamSpec:
     return spec
 
 
-def _check_function(loss: Loss) -> None:
-    from .kernels.plugin import python_function
-
-    fn = python_function(loss.elementwise)
+def _check_function(loss: Loss, given: Callable[..., Any], role: str) -> None:
+    fn = python_function(given)
     if not inspect.isfunction(fn):
-        raise TypeError(f"loss {loss.name!r}: elementwise must be a function, got "
-                        f"{type(loss.elementwise).__name__}")
+        raise TypeError(f"loss {loss.name!r}: {role} must be a function, got "
+                        f"{type(given).__name__}")
     wanted = 2 + len(loss.params)
     got = len(inspect.signature(fn).parameters)
     if got != wanted:
@@ -341,17 +382,20 @@ def _register(prepared: list[_Prepared]) -> None:
     from . import engine
 
     for item in prepared:
-        for spec, (driver, names) in zip(item.specs, item.drivers, strict=True):
+        for spec, (driver, names), hessian in zip(item.specs, item.drivers, item.hessians,
+                                                  strict=True):
             catalog.register(spec)
-            engine.register_runner(spec.name, _runner(driver, names))
+            engine.register_runner(spec.name, _runner(driver, hessian, names))
 
 
-def _runner(driver: Any, names: tuple[str, ...]) -> Callable[..., Any]:
+def _runner(driver: Any, hessian: Any, names: tuple[str, ...]) -> Callable[..., Any]:
     from . import engine
 
     def run(batch: Any, want_grad: bool) -> Any:
         f = batch.x.dtype.type
         params = tuple(f(batch.params[n]) for n in names)
+        if batch.hessian is not None:  # only requested where the spec lists modes
+            return engine.run_hessian_kernel(batch, hessian, params)
         return engine.run_elementwise_kernel(batch, want_grad, driver, params)
 
     return run

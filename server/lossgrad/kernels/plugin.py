@@ -7,7 +7,9 @@ closure's cells are pickled into the key, which differs from one process to the 
 a driver made by a closure would compile on every start. Each plugin loss therefore gets
 its driver as a small module written into numba's cache directory, importing the plugin's
 function as a global. The module's name hashes this file's template and the plugin's
-source file: an edited plugin gets a new module, and so new machine code.
+source files: an edited plugin gets a new module, and so new machine code. A plugin that
+gives a second derivative also gets a Hessian driver in that module, the counterpart of
+``second_order.elementwise``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,48 @@ def elementwise(x, y, w, out, grad, scale, p, strict, parallel, start):
     return _combine(sums, start)
 '''
 
+_HESSIAN_TEMPLATE = '''
+
+# The Hessian path: loss, gradient and clip(d^2 loss / d x^2, bounds) in one pass.
+
+from lossgrad.kernels._numerics import fconst
+from lossgrad.kernels.second_order import _element_loop as _hessian_loop
+from {module} import {qualname} as _plugin_second
+
+_second = element_function(_plugin_second)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _adapt_second(x, y, p, unused):
+    return _second(x, y, *p)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _hessian_block(blk, x, y, w, out, grad, hess, scale, p, bounds, strict):
+    lo = blk * BLOCK
+    hi = min(lo + BLOCK, x.size)
+    xb, yb = x[lo:hi], y[lo:hi]
+    wb = w[lo:hi] if w.size else w
+    ob = out[lo:hi] if out.size else out
+    lb = np.empty(hi - lo, dtype=x.dtype)
+    _hessian_loop(_adapt, _adapt_second, xb, yb, wb, lb, ob, grad[lo:hi], hess[lo:hi], scale,
+                  p, 0.0, fconst(x, bounds[0]), fconst(x, bounds[1]), strict)
+    return block_sum(lb)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", parallel=True)
+def hessian(x, y, w, out, grad, hess, scale, p, bounds, strict, parallel):
+    nb = (x.size + BLOCK - 1) // BLOCK
+    sums = np.empty(nb)
+    if parallel:
+        for blk in numba.prange(nb):
+            sums[blk] = _hessian_block(blk, x, y, w, out, grad, hess, scale, p, bounds, strict)
+    else:
+        for blk in range(nb):
+            sums[blk] = _hessian_block(blk, x, y, w, out, grad, hess, scale, p, bounds, strict)
+    return _combine(sums, 0.0)
+'''
+
 
 def element_function(fn: Callable[..., Any]) -> Any:
     """The plugin's element function as a numba function (it may already be one)."""
@@ -86,15 +130,52 @@ def python_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn.py_func if isinstance(fn, Dispatcher) else fn  # type: ignore[no-any-return]
 
 
-def elementwise_driver(loss: str, fn: Callable[..., Any], n_params: int) -> Any:
+def elementwise_driver(loss: str, fn: Callable[..., Any], n_params: int,
+                       second: Callable[..., Any] | None = None) -> tuple[Any, Any]:
     """Compile (or load from the cache) the elementwise driver of ``fn`` for float32 and
-    float64 predictions; ``fn(x, y, *params)`` returns (loss, d loss / d x).
+    float64 predictions; ``fn(x, y, *params)`` returns (loss, d loss / d x). With
+    ``second(x, y, *params)``, d^2 loss / d x^2, also the Hessian driver; else None.
 
     The driver is called as ``driver(x, y, w, out, grad, scale, params, strict,
     parallel, start)`` with ``params`` a tuple of ``n_params`` values of the predictions'
-    type, like ``drivers.elementwise``. Raises ValueError when ``fn`` is not a module-level
+    type, like ``drivers.elementwise``; the Hessian driver as ``hessian(x, y, w, out,
+    grad, hess, scale, params, bounds, strict, parallel)``, like
+    ``second_order.elementwise``. Raises ValueError when a function is not a module-level
     function, and numba's errors when it does not compile.
     """
+    module, qualname, source = _located(fn)
+    text = _TEMPLATE.format(loss=loss, module=module, qualname=qualname)
+    sources = [source]
+    if second is not None:
+        second_module, second_qualname, second_source = _located(second)
+        text += _HESSIAN_TEMPLATE.format(module=second_module, qualname=second_qualname)
+        sources.append(second_source)
+    digest = hashlib.sha256(text.encode())
+    for path in sorted(set(sources)):
+        digest.update(Path(path).read_bytes())
+    name = f"lossgrad_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', loss)}_{digest.hexdigest()[:16]}"
+    path = _write_once(Path(numba.config.CACHE_DIR) / "plugins" / f"{name}.py", text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    generated = importlib.util.module_from_spec(spec)
+    sys.modules[name] = generated  # numba finds a cached function's module by name
+    spec.loader.exec_module(generated)
+    driver = generated.elementwise
+    hessian = getattr(generated, "hessian", None)
+    for F in FLOATS:
+        params = nt.UniTuple(F, n_params) if n_params else nt.Tuple(())
+        driver.compile(f8(In(F), In(F), In(f8), Out(F), Out(F), f8, params, b1, b1, f8))
+        if hessian is not None:
+            hessian.compile(f8(In(F), In(F), In(f8), Out(F), Out(F), Out(F), f8, params,
+                               In(f8), b1, b1))
+    for compiled in (driver, hessian):
+        if compiled is not None:
+            compiled.disable_compile()
+    return driver, hessian
+
+
+def _located(fn: Callable[..., Any]) -> tuple[str, str, str]:
+    """(module, qualified name, source file) of a module-level function."""
     py = python_function(fn)
     module, qualname = py.__module__, py.__qualname__
     if not qualname.isidentifier():
@@ -103,21 +184,7 @@ def elementwise_driver(loss: str, fn: Callable[..., Any], n_params: int) -> Any:
     source = inspect.getsourcefile(py)
     if source is None:
         raise ValueError(f"{module}.{qualname} has no source file")
-    text = _TEMPLATE.format(loss=loss, module=module, qualname=qualname)
-    digest = hashlib.sha256(text.encode() + Path(source).read_bytes()).hexdigest()[:16]
-    name = f"lossgrad_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', loss)}_{digest}"
-    path = _write_once(Path(numba.config.CACHE_DIR) / "plugins" / f"{name}.py", text)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    generated = importlib.util.module_from_spec(spec)
-    sys.modules[name] = generated  # numba finds a cached function's module by name
-    spec.loader.exec_module(generated)
-    driver = generated.elementwise
-    for F in FLOATS:
-        params = nt.UniTuple(F, n_params) if n_params else nt.Tuple(())
-        driver.compile(f8(In(F), In(F), In(f8), Out(F), Out(F), f8, params, b1, b1, f8))
-    driver.disable_compile()
-    return driver
+    return module, qualname, source
 
 
 def _write_once(path: Path, text: str) -> Path:
