@@ -138,3 +138,27 @@ def test_command_errors_are_clear(server_address: str, tmp_path: Path,
     assert main(["plot", *args, "--target", server_address, "-o", str(out)]) == status
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.e2e
+def test_an_alias_plots_with_the_values_it_fixes(client: LossClient,
+                                                 catalog_infos: list[LossInfo]) -> None:
+    """sigmoid_cross_entropy is binary_cross_entropy with from_logits=true: ListLosses
+    says so, and the plot draws it on logits (softplus(x) - t x) like the canonical name
+    with that parameter."""
+    bce_info = next(info for info in catalog_infos if info.name == "binary_cross_entropy")
+    assert bce_info.alias_params == {"sigmoid_cross_entropy": {"from_logits": True}}
+    assert next(info for info in catalog_infos if info.name == "mse").alias_params == {}
+    (panel,) = curves(client, resolve(catalog_infos, ["sigmoid_cross_entropy"], []))
+    assert panel.kind == "logits" and len(panel.curves) == 2
+    assert panel.curves[0].label == "sigmoid_cross_entropy"
+    for curve in panel.curves:
+        np.testing.assert_allclose(curve.loss, np.logaddexp(0.0, curve.x) - curve.target * curve.x,
+                                   rtol=1e-12)
+    # a shared --param leaves the alias's value alone; the alias's own may not change it
+    pair = resolve(catalog_infos, ["binary_cross_entropy", "sigmoid_cross_entropy"],
+                   ["from_logits=false"])
+    assert [request.params for _, request in pair] == [{"from_logits": False},
+                                                       {"from_logits": True}]
+    with pytest.raises(PlotError, match="sigmoid_cross_entropy means from_logits=True"):
+        resolve(catalog_infos, ["sigmoid_cross_entropy:from_logits=false"], [])

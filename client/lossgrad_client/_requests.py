@@ -296,5 +296,20 @@ def _loss_info(info: pb.LossInfo) -> LossInfo:
         plugin=PluginInfo(info.plugin.entry_point, info.plugin.distribution,
                           info.plugin.version) if info.HasField("plugin") else None,
         variance=_input_info(info.variance) if info.HasField("variance") else None,
+        alias_params={alias: _params_dict(params)
+                      for alias, params in info.alias_params.items()},
     )
+
+
+def _params_dict(params: pb.LossParams) -> dict[str, Any]:
+    """The fields of ``params`` that are set, by name (``by_name`` entries included)."""
+    out: dict[str, Any] = {
+        descriptor.name: list(value) if descriptor.is_repeated else value
+        for descriptor, value in params.ListFields() if descriptor.name != "by_name"}
+    for name, value in params.by_name.items():
+        kind = value.WhichOneof("value")
+        if kind is not None:
+            item = getattr(value, kind)
+            out[name] = list(item.values) if kind == "double_list_value" else item
+    return out
 

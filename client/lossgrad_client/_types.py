@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy.typing as npt
@@ -89,7 +90,8 @@ class LossInfo:
     :meth:`LossClient.compute_gradient` accepts for it ("exact", "clipped", "constant";
     empty: none), and ``hessian`` says what its exact diagonal Hessian is. ``origin`` is
     "builtin", "plugin" (then ``plugin`` says which package provides it) or "unspecified"
-    (an older server)."""
+    (an older server). ``alias_params`` gives the parameter values an alias fixes, by
+    alias (``{"sigmoid_cross_entropy": {"from_logits": True}}``)."""
 
     name: str
     aliases: tuple[str, ...]
@@ -104,6 +106,7 @@ class LossInfo:
     origin: str = "unspecified"
     plugin: PluginInfo | None = None
     variance: InputInfo | None = None  # the third input, for losses that take one
+    alias_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def param(self, name: str) -> ParamInfo | None:
         """Return the parameter called ``name``, or None."""

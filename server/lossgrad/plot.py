@@ -71,7 +71,9 @@ class LossRequest:
 def resolve(infos: Sequence[LossInfo], specs: Sequence[str],
             shared_params: Sequence[str]) -> list[tuple[LossInfo, LossRequest]]:
     """Match each LOSS[:k=v,...] to the catalog and type its parameters. A shared
-    ``--param k=v`` applies to every loss that has ``k`` and must fit at least one."""
+    ``--param k=v`` applies to every loss that has ``k`` and must fit at least one. An
+    alias brings the values it fixes (``sigmoid_cross_entropy``: from_logits=true), which
+    a shared parameter leaves alone and the alias's own may not change."""
     by_name = {name: info for info in infos for name in (info.name, *info.aliases)}
     resolved = []
     used: set[str] = set()
@@ -81,6 +83,7 @@ def resolve(infos: Sequence[LossInfo], specs: Sequence[str],
         if info is None:
             raise PlotError(f"unknown loss {name!r}; the server has: "
                             + ", ".join(sorted(by_name)))
+        preset = dict(info.alias_params.get(name, {}))
         params: dict[str, Any] = {}
         for item, shared in [(s, True) for s in shared_params] + [
                 (s, False) for s in rest.split(",") if s]:
@@ -91,9 +94,15 @@ def resolve(infos: Sequence[LossInfo], specs: Sequence[str],
                     continue
                 raise PlotError(f"{name} has no parameter {key!r} (its parameters: "
                                 + (", ".join(p.name for p in info.params) or "none") + ")")
-            params[key] = _value(param, value, name)
+            typed = _value(param, value, name)
             used.add(key)
-        resolved.append((info, LossRequest(name, params)))
+            if key in preset and typed != preset[key]:
+                if shared:
+                    continue
+                raise PlotError(f"{name} means {key}={preset[key]}; use {info.name} for "
+                                f"{key}={value}")
+            params[key] = typed
+        resolved.append((info, LossRequest(name, {**preset, **params})))
     for item in shared_params:
         key, _ = _split(item)
         if key not in used:
@@ -190,9 +199,10 @@ def curves(client: LossClient, resolved: Sequence[tuple[LossInfo, LossRequest]],
         chosen = targets or _DEFAULT_TARGETS[structure][several]
         x = _grid(kind, chosen)
         panel = panels.setdefault((kind, structure), Panel(kind, structure))
+        fixed = info.alias_params.get(request.name, {})  # said by the alias's name
+        shown = {k: v for k, v in request.params.items() if k not in fixed}
         label = request.name + (" (" + ", ".join(
-            f"{k}={_show(v)}" for k, v in request.params.items()) + ")" if request.params
-            else "")
+            f"{k}={_show(v)}" for k, v in shown.items()) + ")" if shown else "")
         for target in chosen:
             panel.curves.append(_curve(client, info, request, kind, x, float(target), label))
     return list(panels.values())

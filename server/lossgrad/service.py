@@ -323,6 +323,8 @@ def _loss_info(spec: catalog.LossSpec) -> pb.LossInfo:
         hessian=spec.hessian,
         origin=pb.LOSS_ORIGIN_BUILTIN if spec.plugin is None else pb.LOSS_ORIGIN_PLUGIN,
         plugin=None if spec.plugin is None else plugin.source_proto(spec.plugin),
+        alias_params={alias: pb.LossParams(**preset)
+                      for alias, preset in spec.alias_presets.items()},
     )
     if spec.variance is not None:
         info.variance.CopyFrom(_input_spec(spec.variance))

@@ -1529,6 +1529,27 @@ class LossInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AliasParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___LossParams: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___LossParams | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
@@ -1542,6 +1563,7 @@ class LossInfo(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     PLUGIN_FIELD_NUMBER: _builtins.int
     VARIANCE_FIELD_NUMBER: _builtins.int
+    ALIAS_PARAMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Canonical name, e.g. "huber"."""
     description: _builtins.str
@@ -1586,6 +1608,13 @@ class LossInfo(_message.Message):
     def variance(self) -> Global___InputSpec:
         """The variance tensor, for the losses that take one (gaussian_nll); unset otherwise."""
 
+    @_builtins.property
+    def alias_params(self) -> _containers.MessageMap[_builtins.str, Global___LossParams]:
+        """Parameter values that an alias fixes, by alias, as a request would set them (e.g.
+        "sigmoid_cross_entropy" sets from_logits = true); a request through that alias may
+        not set them to other values. Aliases that fix nothing are not listed.
+        """
+
     def __init__(
         self,
         *,
@@ -1602,10 +1631,11 @@ class LossInfo(_message.Message):
         origin: Global___LossOrigin.ValueType = ...,
         plugin: Global___PluginSource | None = ...,
         variance: Global___InputSpec | None = ...,
+        alias_params: _abc.Mapping[_builtins.str, Global___LossParams] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin", "predictions", b"predictions", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "origin", b"origin", "params", b"params", "plugin", b"plugin", "predictions", b"predictions", "reference", b"reference", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_params", b"alias_params", "aliases", b"aliases", "class_axis_last", b"class_axis_last", "description", b"description", "hessian", b"hessian", "hessian_modes", b"hessian_modes", "name", b"name", "origin", b"origin", "params", b"params", "plugin", b"plugin", "predictions", b"predictions", "reference", b"reference", "targets", b"targets", "variance", b"variance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
