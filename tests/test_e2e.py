@@ -295,6 +295,7 @@ def test_list_losses_serves_the_catalog(client: LossClient) -> None:
         assert info.description == spec.description
         assert info.reference == spec.reference
         assert info.class_axis_last == spec.class_axis_last
+        assert info.alias_params == spec.alias_presets
         assert info.predictions.kind == spec.predictions.kind.value
         assert info.predictions.dtypes == spec.predictions.dtypes
         assert info.targets.kind == spec.targets.kind.value
