@@ -350,6 +350,10 @@ HEADER = "from lossgrad.plugin import Input, Loss, Param\n"
      "already taken"),
     ("def f(x, y):\n    return undefined_name(x), y\nX = Loss('ok', f, 'd')\n",
      "TypingError"),
+    ("def f(x, y):\n    return x, y\ndef h(x):\n    return x\nX = Loss('ok', f, 'd', hessian=h)\n",
+     "h takes 1 arguments; it must take (x, y)"),
+    ("def f(x, y):\n    return x, y\nX = Loss('ok', f, 'd', hessian=2.0)\n",
+     "hessian must be a function, got float"),
 ])
 def test_broken_plugins_are_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      body: str, message: str) -> None:
