@@ -358,7 +358,9 @@ LOSSES: tuple[LossSpec, ...] = (
             InputKind.VARIANCES, FLOAT_DTYPES,
             "variances >= 0: the predictions' shape, that shape with the last axis 1, or "
             "without the last axis (shared along it); converted to the predictions' dtype"),
-        hessian="none offered (a third input); w.r.t. the mean it would be 1 / v",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="w.r.t. the predictions (the mean): 1 / v, v = max(variance, 1e-6) (none "
+                "w.r.t. the variance)",
     ),
     LossSpec(
         "sigmoid_focal", Layout.ELEMENTWISE,
@@ -368,7 +370,12 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES + INDEX_DTYPES,
                   "labels in [0, 1] (0/1, or soft), same shape as predictions"),
         params=(FOCAL_ALPHA, GAMMA),
-        hessian="none offered (not convex for gamma > 0; reference section 4.8)",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="alpha_t [BCE (g (g-1) (1-2y)^2 u^(g-2) s^2 + g (1-2y)(1-2p) u^(g-1) s) "
+                "+ 2 g (1-2y)(p-y) u^(g-1) s + u^g s], g = gamma, u = 1 - p_t, s = p (1-p); "
+                "terms with u^(g-1), u^(g-2) are 0 at u = 0 (their limit); gamma 0: alpha_t "
+                "s (weighted BCE); negative for some inputs when gamma > 0 (not convex): "
+                "clipped floors it",
     ),
     LossSpec(
         "softmax_focal", Layout.DENSE_ROWS,
@@ -378,7 +385,11 @@ LOSSES: tuple[LossSpec, ...] = (
         InputSpec(InputKind.PROBABILITIES, FLOAT_DTYPES,
                   "probability rows in [0, 1] (one-hot or soft), same shape as predictions"),
         params=(SOFTMAX_FOCAL_ALPHA, GAMMA),
-        hessian="none offered (not convex for gamma > 0)",
+        hessian_modes=ALL_HESSIAN_MODES,
+        hessian="the diagonal w.r.t. the logits: with f_k(p) = -alpha q_k (1-p)^gamma log p, "
+                "v_k = p_k f_k'(p_k), u_k = p_k^2 f_k''(p_k): (1 - 2 p_j)(v_j - p_j sum v) "
+                "+ (1 - p_j)^2 u_j + p_j^2 sum_{k != j} u_k (bounded as p_j -> 1); gamma 0: "
+                "alpha (sum q) p_j (1 - p_j); negative for some inputs when gamma > 0",
     ),
     LossSpec(
         "nll", Layout.SPARSE_ROWS,

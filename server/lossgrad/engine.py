@@ -26,6 +26,7 @@ from .errors import (
 from .kernels import _numerics as nm
 from .kernels import drivers, second_order
 from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
+from .kernels.likelihood import GAUSSIAN_EPS
 from .request import (
     FLOAT_DTYPES,
     Batch,
@@ -286,9 +287,11 @@ def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
     if batch.hessian is not None:
         out, grad = _buffers(batch, True)
         hess = np.empty_like(grad)
-        total = second_order.dense_rows(
-            batch.x, batch.t, batch.w, out, grad, hess, _scale(batch), op, a,
+        total = factor * second_order.dense_rows(
+            batch.x, batch.t, batch.w, out, grad, hess, _scale(batch) * factor, op, a,
             batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
+        if factor != 1.0 and out.size:
+            out *= out.dtype.type(factor)
         check_nonfinite_total(batch, total, x_unit, t_unit)
         return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
@@ -465,11 +468,26 @@ def _gaussian_nll(batch: Batch, want_grad: bool) -> Result:
                              _parallel(batch), batch.start)
     check_nonfinite_total(batch, total, False, False)
     check_bounds(batch, total, (Bound("variance", 0.0, True, "variances must be >= 0"),))
-    result = _result(batch, total, out, grad if want_grad else None)
+    hess = None if batch.hessian is None else _gaussian_hessian(batch)
+    result = _result(batch, total, out, grad if want_grad else None, hess)
     if not want_grad:
         return result
     return dataclasses.replace(result,
                                variance_gradient=_narrow(batch, variance_gradient(batch, vgrad)))
+
+
+def _gaussian_hessian(batch: Batch) -> np.ndarray:
+    """scale * w * clip(1 / max(v, 1e-6)): the gradient (x - y) / v is linear in the
+    mean, so its Hessian needs no pass of its own over x; computed in float64, written
+    once in the predictions' dtype."""
+    assert batch.hessian is not None
+    lo, hi = batch.hessian.bounds
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.clip(1.0 / np.maximum(batch.v.astype(np.float64), GAUSSIAN_EPS), lo, hi)
+    h *= _scale(batch)
+    if batch.w.size:
+        h *= batch.w
+    return h.astype(batch.x.dtype)
 
 
 _RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._numerics import (
     block_sum,
+    clip,
     fconst,
     fexp_nonpositive,
     flog,
@@ -28,14 +29,9 @@ def _modulating(omp, gamma):  # type: ignore[no-untyped-def]
 
 
 @inline
-def sigmoid_focal(x, y, alpha, gamma):  # type: ignore[no-untyped-def]
-    """alpha_t (1 - p_t)^gamma BCE_logits(x, y) (torchvision sigmoid_focal_loss), with
-    p = sigmoid(x), 1 - p_t = p (1 - y) + (1 - p) y and alpha_t = alpha y + (1 - alpha)(1 - y),
-    or 1 when alpha < 0. Soft labels y in [0, 1] are taken as they come.
-
-    Gradient alpha_t [gamma (1 - p_t)^(gamma - 1) p (1 - p) (1 - 2y) BCE + (1 - p_t)^gamma
-    (p - y)]; where 1 - p_t = 0 (a hard label predicted exactly) its first term is 0.
-    """
+def _sigmoid_terms(x, y, gamma):  # type: ignore[no-untyped-def]
+    """(p, 1 - p, BCE_logits, 1 - p_t, (1 - p_t)^gamma, (1 - p_t)^(gamma - 1) p (1 - p))
+    in the type of x; the last is 0 where 1 - p_t = 0."""
     one = fconst(x, 1.0)
     zero = fconst(x, 0.0)
     e = fexp_nonpositive(-abs(x))
@@ -46,10 +42,50 @@ def sigmoid_focal(x, y, alpha, gamma):  # type: ignore[no-untyped-def]
     ce = y * (max(-x, zero) + lg) + (one - y) * (max(x, zero) + lg)
     omp = p * (one - y) + q * y
     mod = _modulating(omp, gamma)
-    at = alpha * y + (one - alpha) * (one - y) if alpha >= zero else one
-    slope = mod * p * q / omp if omp > zero else zero  # (1 - p_t)^(gamma - 1) p (1 - p)
-    g = at * (gamma * slope * (one - fconst(x, 2.0) * y) * ce + mod * (p - y))
-    return at * mod * ce + unit_poison(y), g
+    slope = mod * p * q / omp if omp > zero else zero
+    return p, q, ce, omp, mod, slope
+
+
+@inline
+def _alpha_t(y, alpha):  # type: ignore[no-untyped-def]
+    one = fconst(y, 1.0)
+    return alpha * y + (one - alpha) * (one - y) if alpha >= fconst(y, 0.0) else one
+
+
+@inline
+def sigmoid_focal(x, y, alpha, gamma):  # type: ignore[no-untyped-def]
+    """alpha_t (1 - p_t)^gamma BCE_logits(x, y) (torchvision sigmoid_focal_loss), with
+    p = sigmoid(x), 1 - p_t = p (1 - y) + (1 - p) y and alpha_t = alpha y + (1 - alpha)(1 - y),
+    or 1 when alpha < 0. Soft labels y in [0, 1] are taken as they come.
+
+    Gradient alpha_t [gamma (1 - p_t)^(gamma - 1) p (1 - p) (1 - 2y) BCE + (1 - p_t)^gamma
+    (p - y)]; where 1 - p_t = 0 (a hard label predicted exactly) its first term is 0.
+    """
+    p, q, ce, omp, mod, slope = _sigmoid_terms(x, y, gamma)
+    g = _alpha_t(y, alpha) * (gamma * slope * (fconst(x, 1.0) - fconst(x, 2.0) * y) * ce
+                              + mod * (p - y))
+    return _alpha_t(y, alpha) * mod * ce + unit_poison(y), g
+
+
+@inline
+def sigmoid_focal_hessian(x, y, alpha, gamma):  # type: ignore[no-untyped-def]
+    """d^2/dx^2 of ``sigmoid_focal``, in float64: with u = 1 - p_t, s = p (1 - p),
+    A = u^(gamma-1) s and B = u^(gamma-2) s^2 = A s / u (s / u <= 1, so neither blows up
+    for gamma < 2: both are u^gamma times a bounded factor),
+    alpha_t [BCE (gamma (gamma-1) (1-2y)^2 B + gamma (1-2y)(1-2p) A)
+    + 2 gamma (1-2y)(p-y) A + u^gamma s]. Where u = 0 (a hard label predicted exactly:
+    the limit) A = B = 0. gamma = 0 gives alpha_t s, the (weighted) BCE Hessian. Negative
+    for some inputs when gamma > 0 (the loss is not convex)."""
+    xd = np.float64(x)
+    yd = np.float64(y)
+    g = np.float64(gamma)
+    p, q, ce, omp, mod, slope = _sigmoid_terms(xd, yd, g)
+    s = p * q
+    curv = slope * s / omp if omp > 0.0 else 0.0  # B
+    sgn = 1.0 - 2.0 * yd
+    h = (ce * (g * (g - 1.0) * sgn * sgn * curv + g * sgn * (1.0 - 2.0 * p) * slope)
+         + 2.0 * g * sgn * (p - yd) * slope + mod * s)
+    return _alpha_t(yd, np.float64(alpha)) * h
 
 
 @inline
@@ -88,3 +124,64 @@ def softmax_focal_row(x, q, g, e, h, coef, gamma, strict, want_grad):  # type: i
             pk = np.float64(unnormalised(e, x, m, k)) / (1.0 + s1)
             g[k] = fconst(x, coef * (h[k] - pk * sv))
     return loss
+
+
+@inline
+def softmax_focal_row_hessian(x, q, g, hs, e, h, coef, gamma, lo, hi,  # type: ignore[no-untyped-def]
+                              strict):
+    """Diagonal of the Hessian of ``softmax_focal_row`` w.r.t. the logits. With
+    f_k(p) = -q_k (1 - p)^gamma log p, v_k = p_k f_k' (the gradient's terms) and
+    u_k = p_k^2 f_k'': H_jj = (1 - 2 p_j)(v_j - p_j sum_k v_k) + u_j (1 - p_j)^2
+    + p_j^2 sum_{k != j} u_k. u_k grows like (1 - p_k)^(gamma - 1) as p_k -> 1, so it is
+    only used where bounded: t_k = u_k (1 - p_k)^2 is computed directly, and the term of
+    the row's (first) maximum k* in another position's sum as (p_j / (1 - p_k*))^2 t_k*
+    (p_j <= 1 - p_k*). Every other p_k <= 1/2. Equals p_j (1 - p_j) sum q for gamma = 0."""
+    loss = softmax_focal_row(x, q, g, e, h, coef, gamma, strict, True)
+    c = x.size
+    m, s1 = softmax_row(x, e, strict)
+    top = 0
+    while x[top] != m and top < c - 1:
+        top += 1
+    sv = 0.0
+    rest = 0.0  # sum of u_k over k != top
+    for k in range(c):
+        pk, omp, logp, mod = _focal_terms(x, k, m, s1, e, gamma)
+        qk = np.float64(q[k])
+        ratio = logp / omp if omp > 0.0 else -1.0
+        sv += -qk * mod * (1.0 - gamma * pk * ratio)
+        if k != top:
+            rest += _focal_u(qk, pk, omp, logp, mod, gamma)
+    p_top, o_top, lp_top, mod_top = _focal_terms(x, top, m, s1, e, gamma)
+    t_top = _focal_t(np.float64(q[top]), p_top, o_top, lp_top, mod_top, gamma)
+    for j in range(c):
+        pj, omp, logp, mod = _focal_terms(x, j, m, s1, e, gamma)
+        qj = np.float64(q[j])
+        ratio = logp / omp if omp > 0.0 else -1.0
+        vj = -qj * mod * (1.0 - gamma * pj * ratio)
+        if j == top:
+            hu = t_top + pj * pj * rest
+        else:
+            lead = pj / o_top if o_top > 0.0 else 0.0
+            hu = (_focal_t(qj, pj, omp, logp, mod, gamma)
+                  + pj * pj * (rest - _focal_u(qj, pj, omp, logp, mod, gamma))
+                  + lead * lead * t_top)
+        hj = (1.0 - 2.0 * pj) * (vj - pj * sv) + hu
+        hs[j] = fconst(x, coef * clip(hj, lo, hi))
+    return loss
+
+
+@inline
+def _focal_u(qk, pk, omp, logp, mod, gamma):  # type: ignore[no-untyped-def]
+    """p^2 f''(p) for f(p) = -q (1 - p)^gamma log p, where 1 - p >= 1/2:
+    -q (1 - p)^gamma (gamma (gamma - 1) p^2 log p / (1 - p)^2 - 2 gamma p / (1 - p) - 1)."""
+    return -qk * mod * (gamma * (gamma - 1.0) * pk * pk * logp / (omp * omp)
+                        - 2.0 * gamma * pk / omp - 1.0)
+
+
+@inline
+def _focal_t(qk, pk, omp, logp, mod, gamma):  # type: ignore[no-untyped-def]
+    """(1 - p)^2 p^2 f''(p), bounded for any p in [0, 1] and gamma >= 0 (0 at p = 1 for
+    gamma > 0; q for gamma = 0): -q (1 - p)^gamma (gamma (gamma - 1) p^2 log p
+    - 2 gamma p (1 - p) - (1 - p)^2)."""
+    return -qk * mod * (gamma * (gamma - 1.0) * pk * pk * logp - 2.0 * gamma * pk * omp
+                        - omp * omp)

@@ -31,12 +31,14 @@ from .classification import (
     squared_hinge_hessian,
 )
 from .divergence import kl_log_row_hessian, kl_probs_row_hessian
+from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
 from .drivers import (
     BCE,
     BCE_LOGITS,
     CATEGORICAL_HINGE,
     CCE_LOGITS,
     CCE_PROBS,
+    COSINE_SIMILARITY,
     HINGE,
     HUBER,
     KL_LOG,
@@ -53,6 +55,7 @@ from .drivers import (
     POISSON_RATE,
     PSEUDO_HUBER,
     QUANTILE,
+    SIGMOID_FOCAL,
     SMOOTH_L1,
     SQUARED_HINGE,
     TWEEDIE,
@@ -187,7 +190,10 @@ def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, stric
     elif op == POISSON_DEVIANCE:
         _element_loop(poisson_deviance, poisson_deviance_hessian, xb, yb, wb, lb, ob, gb, hb,
                       scale, fa, fb, lo, hi, strict)
-    else:  # GAMMA_DEVIANCE (sigmoid_focal has no Hessian mode: never routed here)
+    elif op == SIGMOID_FOCAL:
+        _element_loop(sigmoid_focal, sigmoid_focal_hessian, xb, yb, wb, lb, ob, gb, hb, scale,
+                      fa, fb, lo, hi, strict)
+    else:  # GAMMA_DEVIANCE
         _element_loop(gamma_deviance, gamma_deviance_hessian, xb, yb, wb, lb, ob, gb, hb,
                       scale, fa, fb, lo, hi, strict)
     return block_sum(lb)
@@ -254,9 +260,11 @@ def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict):  
     if op == CATEGORICAL_HINGE:
         return _dense_loop(categorical_hinge_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
                            hi, strict)
-    # COSINE_SIMILARITY (softmax_focal has no Hessian mode: never routed here)
-    return _dense_loop(cosine_similarity_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
-                       hi, strict)
+    if op == COSINE_SIMILARITY:
+        return _dense_loop(cosine_similarity_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
+                           hi, strict)
+    return _dense_loop(softmax_focal_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
+                       strict)
 
 
 @kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8, f8,
