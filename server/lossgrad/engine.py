@@ -172,7 +172,7 @@ def warmup() -> None:
                 for grad in (True, False):
                     compute(spec.name, x, t, reduction=red, gradient=grad, variance=v)
             if HessianMode.EXACT in spec.hessian_modes:
-                compute(spec.name, x, t, hessian=HessianMode.EXACT)
+                compute(spec.name, x, t, hessian=HessianMode.EXACT, variance=v)
 
 
 # --- running kernels ---------------------------------------------------------------
@@ -287,9 +287,18 @@ def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
     if batch.hessian is not None:
         out, grad = _buffers(batch, True)
         hess = np.empty_like(grad)
+        # The bounds clip factor * h: factor clip(h, lo / factor, hi / factor) for
+        # factor > 0; factor 0 (the loss is 0): constant clip(0, lo, hi), the gradient 0.
+        bounds, run = batch.hessian.bounds, _scale(batch) * factor
+        if factor == 0.0:
+            bounds, run = np.full(2, np.clip(0.0, bounds[0], bounds[1])), _scale(batch)
+        elif factor != 1.0:
+            bounds = bounds / factor
         total = factor * second_order.dense_rows(
-            batch.x, batch.t, batch.w, out, grad, hess, _scale(batch) * factor, op, a,
-            batch.hessian.bounds, not batch.allow_nonfinite, _parallel(batch))
+            batch.x, batch.t, batch.w, out, grad, hess, run, op, a, bounds,
+            not batch.allow_nonfinite, _parallel(batch))
+        if factor == 0.0:
+            grad *= grad.dtype.type(0.0)
         if factor != 1.0 and out.size:
             out *= out.dtype.type(factor)
         check_nonfinite_total(batch, total, x_unit, t_unit)

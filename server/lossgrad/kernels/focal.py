@@ -83,8 +83,9 @@ def sigmoid_focal_hessian(x, y, alpha, gamma):  # type: ignore[no-untyped-def]
     s = p * q
     curv = slope * s / omp if omp > 0.0 else 0.0  # B
     sgn = 1.0 - 2.0 * yd
-    h = (ce * (g * (g - 1.0) * sgn * sgn * curv + g * sgn * (1.0 - 2.0 * p) * slope)
-         + 2.0 * g * sgn * (p - yd) * slope + mod * s)
+    p_y = p * (1.0 - yd) - q * yd  # p - y, without cancellation as p -> y = 1
+    h = (ce * (g * (g - 1.0) * sgn * sgn * curv + g * sgn * (q - p) * slope)
+         + 2.0 * g * sgn * p_y * slope + mod * s)
     return _alpha_t(yd, np.float64(alpha)) * h
 
 
