@@ -92,7 +92,7 @@ def softmax_focal_second(x: np.ndarray, q: np.ndarray, alpha: float, gamma: floa
     """Diagonal of the dense Hessian J^T diag(f'') J + sum_k f'_k d^2 p_k of
     sum_k f_k(p_k), f_k(p) = -alpha q_k (1 - p)^gamma log p, p = softmax(x), per row."""
     out = np.empty_like(x)
-    for i, (z, t) in enumerate(zip(x, q)):
+    for i, (z, t) in enumerate(zip(x, q, strict=True)):
         e = np.exp(z - z.max())
         p = e / e.sum()
         o = 1 - p
@@ -280,8 +280,8 @@ def test_gaussian_hessian_follows_the_variance_shapes():
     x, y, extra = make_inputs("gaussian_nll", seed=6)
     shared = extra["variance"][:, :1]
     r = compute("gaussian_nll", x, y, variance=shared, reduction="sum", hessian="exact")
-    np.testing.assert_allclose(r.hessian, np.broadcast_to(1.0 / np.maximum(shared, GAUSSIAN_EPS), x.shape),
-                               rtol=1e-15)
+    want = np.broadcast_to(1.0 / np.maximum(shared, GAUSSIAN_EPS), x.shape)
+    np.testing.assert_allclose(r.hessian, want, rtol=1e-15)
 
 
 # --- end to end --------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from .classification import (
     squared_hinge_hessian,
 )
 from .divergence import kl_log_row_hessian, kl_probs_row_hessian
-from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
 from .drivers import (
     BCE,
     BCE_LOGITS,
@@ -62,6 +61,7 @@ from .drivers import (
     _combine,
     loop,
 )
+from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
 from .likelihood import (
     gamma_deviance,
     gamma_deviance_hessian,
