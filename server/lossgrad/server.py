@@ -262,6 +262,8 @@ def create_server(
             metrics_server.server_close()
         if health_server is not None:
             health_server.stop(None)
+        if registry is not None:
+            registry.close()
         raise
     health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return LossServer(server, health, telemetry, health_server, health_bound,
