@@ -307,7 +307,7 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
                 raise InvalidArgumentError(
                     "targets.dtype", f"{t.dtype} is not supported; use float32 or float64",
                     UNSUPPORTED_DTYPE)
-            t = t.astype(x.dtype)  # one conversion to the predictions' type
+            t = _convert(t, x.dtype, "targets")  # one conversion to the predictions' type
     w = _sample_weight(sample_weight, x, position_shape)
     if spec.layout is Layout.ELEMENTWISE:
         x2, t2 = x.reshape(-1), t.reshape(-1)
@@ -325,6 +325,22 @@ def _prepare(spec: LossSpec, params: dict[str, Any], red: Reduction, x: np.ndarr
         weight_sum, counted = float(positions), positions
     return Batch(spec, params, red, x2, t2, w, position_shape, weight_sum, counted,
                  allow_nonfinite, x.shape)
+
+
+def _convert(arr: np.ndarray, dtype: np.dtype[Any], field: str) -> np.ndarray:
+    """``arr`` in ``dtype``; a finite value too large for it is an error (it would become an
+    infinity the caller never sent), found by the cast itself rather than by another pass."""
+    try:
+        with np.errstate(over="raise"):
+            return arr.astype(dtype, copy=False)
+    except FloatingPointError:
+        with np.errstate(over="ignore"):
+            lost = np.isfinite(arr) & ~np.isfinite(arr.astype(dtype))
+        index = np.unravel_index(int(np.argmax(lost)), arr.shape)
+        raise InvalidArgumentError(
+            f"{field}[{', '.join(map(str, index))}]",
+            f"{arr[index].item()!r} is outside the range of {dtype} (the predictions' type, which "
+            f"{field} are converted to)", VALUE_OUT_OF_RANGE) from None
 
 
 def _expect_shape(arr: np.ndarray, shape: tuple[int, ...], field: str, what: str) -> None:
@@ -392,7 +408,7 @@ def _variance(value: Any, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
         raise InvalidArgumentError(
             "variance.shape", f"{v.shape} must be the predictions' shape {x.shape}, or it "
             f"with the last axis 1 or without it", SHAPE_MISMATCH)
-    flat = v.astype(x.dtype, copy=False).reshape(-1)
+    flat = _convert(v, x.dtype, "variance").reshape(-1)
     if v.shape != x.shape:
         flat = np.repeat(flat, x.shape[-1])
     return flat, v.shape
