@@ -283,6 +283,14 @@ def _merged(existing: str, sections: dict[str, str], header: str) -> str:
     for title, text in sections.items():
         blocks[title] = (f"## {title}\n\n*From a separate run of this section:*\n\n"
                          f"{setup}\n\n{text.strip()}\n\n")
+    if "Problems" in blocks:  # a rerun section's old problems go; the run lists its own
+        rerun = tuple(f"- {name}: " for name, title in TITLES.items() if title in sections)
+        kept = [line for line in blocks["Problems"].splitlines()[1:]
+                if line.strip() and not line.startswith(rerun)]
+        if kept:
+            blocks["Problems"] = "## Problems\n\n" + "\n".join(kept) + "\n\n"
+        else:
+            del blocks["Problems"]
     order = [t for t in TITLES.values() if t in blocks]
     rest = [t for t in blocks if t not in order]
     return parts[0] + "".join(blocks[t] if blocks[t].endswith("\n\n") else blocks[t] + "\n"
