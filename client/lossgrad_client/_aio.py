@@ -14,9 +14,8 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from ._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, METHOD_PREFIX, channel_settings
+from ._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Methods, channel_settings
 from ._client import CLIENT_ARGUMENTS_DOC, SHARED_MEMORY_DOC
-from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._requests import (
     LIST_LOSSES_REQUEST,
     compute_request,
@@ -44,7 +43,7 @@ from ._stream import (
     with_out,
 )
 from ._types import GradientResult, LossInfo, LossResult
-from ._wire import ComputeRequest, serialize_request, serialize_stream_request
+from ._wire import ComputeRequest
 from .errors import LossgradError, NotFoundError, from_rpc_error
 
 _NOT_REGISTERED = "SHARED_MEMORY_REGION_NOT_FOUND"
@@ -96,29 +95,7 @@ class AsyncLossClient:
         else:
             self._channel = grpc.aio.secure_channel(settings.target, settings.credentials,
                                                     options=settings.options)
-        self._compute_loss = self._channel.unary_unary(
-            METHOD_PREFIX + "ComputeLoss", request_serializer=serialize_request,
-            _registered_method=True)
-        self._compute_gradient = self._channel.unary_unary(
-            METHOD_PREFIX + "ComputeGradient", request_serializer=serialize_request,
-            _registered_method=True)
-        self._compute_stream = self._channel.stream_stream(
-            METHOD_PREFIX + "ComputeStream", request_serializer=serialize_stream_request,
-            _registered_method=True)
-        self._list_losses = self._channel.unary_unary(
-            METHOD_PREFIX + "ListLosses",
-            request_serializer=pb.ListLossesRequest.SerializeToString,
-            response_deserializer=pb.ListLossesResponse.FromString, _registered_method=True)
-        self._register = self._channel.unary_unary(
-            METHOD_PREFIX + "RegisterSharedMemoryRegion",
-            request_serializer=pb.RegisterSharedMemoryRegionRequest.SerializeToString,
-            response_deserializer=pb.RegisterSharedMemoryRegionResponse.FromString,
-            _registered_method=True)
-        self._unregister = self._channel.unary_unary(
-            METHOD_PREFIX + "UnregisterSharedMemoryRegion",
-            request_serializer=pb.UnregisterSharedMemoryRegionRequest.SerializeToString,
-            response_deserializer=pb.UnregisterSharedMemoryRegionResponse.FromString,
-            _registered_method=True)
+        self._rpc = Methods.bind(self._channel)
 
     async def __aenter__(self: _Client) -> _Client:
         return self
@@ -171,14 +148,14 @@ class AsyncLossClient:
             placement = self._shm.prepare(request, gradient=False, gradient_out=None)
             if placement is not None:
                 try:
-                    data = await self._call_placed(self._compute_loss, placement, timeout)
+                    data = await self._call_placed(self._rpc.compute_loss, placement, timeout)
                     return loss_result(data, request, placement.read)
                 finally:
                     await self._finish(placement)
         if self._streams(request, stream):
             plan = await self._stream(request, False, timeout, None, progress)
             return plan.loss_result()
-        return loss_result(await self._call(self._compute_loss, request, timeout), request)
+        return loss_result(await self._call(self._rpc.compute_loss, request, timeout), request)
 
     async def compute_gradient(
         self,
@@ -208,20 +185,20 @@ class AsyncLossClient:
                 request, gradient=True, gradient_out=check_gradient_out(out, request.predictions))
             if placement is not None:
                 try:
-                    data = await self._call_placed(self._compute_gradient, placement, timeout)
+                    data = await self._call_placed(self._rpc.compute_gradient, placement, timeout)
                     return gradient_result(data, request, placement.read)
                 finally:
                     await self._finish(placement)
         if self._streams(request, stream):
             plan = await self._stream(request, True, timeout, out, progress)
             return plan.gradient_result()
-        result = gradient_result(await self._call(self._compute_gradient, request, timeout),
+        result = gradient_result(await self._call(self._rpc.compute_gradient, request, timeout),
                                  request)
         return with_out(result, out)
 
     async def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """Return the server's catalog; see :meth:`LossClient.list_losses`."""
-        return loss_infos(await self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
+        return loss_infos(await self._call(self._rpc.list_losses, LIST_LOSSES_REQUEST, timeout))
 
     def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
         if request.hessian:
@@ -234,7 +211,7 @@ class AsyncLossClient:
         while the responses are read here."""
         plan = StreamPlan(request, gradient=gradient, chunk_bytes=self._chunk_bytes, out=out,
                           progress=progress)
-        call = self._compute_stream(timeout=self._timeout if timeout is None else timeout,
+        call = self._rpc.compute_stream(timeout=self._timeout if timeout is None else timeout,
                                     metadata=self._settings.metadata)
 
         async def write() -> None:
@@ -266,7 +243,7 @@ class AsyncLossClient:
         """See :meth:`LossClient._call_placed`."""
         for attempt in (0, 1):
             for segment in [s for s in placement.used if not s.registered]:
-                await self._call(self._register, register_request(segment), timeout)
+                await self._call(self._rpc.register, register_request(segment), timeout)
                 segment.registered = True
             try:
                 return await self._call(method, placement.request, timeout)
@@ -285,7 +262,7 @@ class AsyncLossClient:
         for segment in segments:
             if segment.registered:
                 try:
-                    await self._call(self._unregister, unregister_request(segment),
+                    await self._call(self._rpc.unregister, unregister_request(segment),
                                      _UNREGISTER_TIMEOUT_S)
                 except LossgradError:
                     pass  # unreachable or restarted: it has no such region anyway

@@ -16,6 +16,9 @@ from typing import Any
 
 import grpc
 
+from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from ._wire import serialize_request, serialize_stream_request
+
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVICE_NAME = "lossgrad.v1.LossService"
 METHOD_PREFIX = f"/{SERVICE_NAME}/"
@@ -169,3 +172,41 @@ def _tls_credentials(
         return None
     # root_certificates None: the system's roots (gRPC's bundled ones).
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+@dataclass(frozen=True)
+class Methods:
+    """The service's methods bound to one channel. A ``grpc.Channel`` and a
+    ``grpc.aio.Channel`` bind them alike, so both clients share this. The Compute* methods
+    use the hand-written codec (see ``_wire``): the request is built from the arrays with
+    one copy, and the response comes back as bytes that the results view."""
+
+    compute_loss: Any
+    compute_gradient: Any
+    compute_stream: Any
+    list_losses: Any
+    register: Any
+    unregister: Any
+
+    @classmethod
+    def bind(cls, channel: Any) -> Methods:
+        def unary(name: str, serializer: Any, deserializer: Any = None) -> Any:
+            return channel.unary_unary(METHOD_PREFIX + name, request_serializer=serializer,
+                                       response_deserializer=deserializer,
+                                       _registered_method=True)
+
+        return cls(
+            compute_loss=unary("ComputeLoss", serialize_request),
+            compute_gradient=unary("ComputeGradient", serialize_request),
+            compute_stream=channel.stream_stream(
+                METHOD_PREFIX + "ComputeStream", request_serializer=serialize_stream_request,
+                _registered_method=True),
+            list_losses=unary("ListLosses", pb.ListLossesRequest.SerializeToString,
+                              pb.ListLossesResponse.FromString),
+            register=unary("RegisterSharedMemoryRegion",
+                           pb.RegisterSharedMemoryRegionRequest.SerializeToString,
+                           pb.RegisterSharedMemoryRegionResponse.FromString),
+            unregister=unary("UnregisterSharedMemoryRegion",
+                             pb.UnregisterSharedMemoryRegionRequest.SerializeToString,
+                             pb.UnregisterSharedMemoryRegionResponse.FromString),
+        )

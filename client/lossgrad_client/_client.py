@@ -12,10 +12,9 @@ import grpc
 from ._channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RETRIES,
-    METHOD_PREFIX,
+    Methods,
     channel_settings,
 )
-from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._requests import (
     LIST_LOSSES_REQUEST,
     compute_request,
@@ -43,7 +42,7 @@ from ._stream import (
     with_out,
 )
 from ._types import GradientResult, LossInfo, LossResult
-from ._wire import ComputeRequest, StreamRequest, serialize_request, serialize_stream_request
+from ._wire import ComputeRequest, StreamRequest
 from .errors import LossgradError, NotFoundError, from_rpc_error
 
 _Client = TypeVar("_Client", bound="LossClient")
@@ -126,32 +125,7 @@ class LossClient:
         else:
             self._channel = grpc.secure_channel(settings.target, settings.credentials,
                                                 options=settings.options)
-        # The Compute* methods use the hand-written codec (see _wire): the request is
-        # built from the arrays with one copy, and the response comes back as bytes that
-        # the results view.
-        self._compute_loss = self._channel.unary_unary(
-            METHOD_PREFIX + "ComputeLoss", request_serializer=serialize_request,
-            _registered_method=True)
-        self._compute_gradient = self._channel.unary_unary(
-            METHOD_PREFIX + "ComputeGradient", request_serializer=serialize_request,
-            _registered_method=True)
-        self._compute_stream = self._channel.stream_stream(
-            METHOD_PREFIX + "ComputeStream", request_serializer=serialize_stream_request,
-            _registered_method=True)
-        self._list_losses = self._channel.unary_unary(
-            METHOD_PREFIX + "ListLosses",
-            request_serializer=pb.ListLossesRequest.SerializeToString,
-            response_deserializer=pb.ListLossesResponse.FromString, _registered_method=True)
-        self._register = self._channel.unary_unary(
-            METHOD_PREFIX + "RegisterSharedMemoryRegion",
-            request_serializer=pb.RegisterSharedMemoryRegionRequest.SerializeToString,
-            response_deserializer=pb.RegisterSharedMemoryRegionResponse.FromString,
-            _registered_method=True)
-        self._unregister = self._channel.unary_unary(
-            METHOD_PREFIX + "UnregisterSharedMemoryRegion",
-            request_serializer=pb.UnregisterSharedMemoryRegionRequest.SerializeToString,
-            response_deserializer=pb.UnregisterSharedMemoryRegionResponse.FromString,
-            _registered_method=True)
+        self._rpc = Methods.bind(self._channel)
 
     def __enter__(self: _Client) -> _Client:
         return self
@@ -218,13 +192,13 @@ class LossClient:
             placement = self._shm.prepare(request, gradient=False, gradient_out=None)
             if placement is not None:
                 try:
-                    data = self._call_placed(self._compute_loss, placement, timeout)
+                    data = self._call_placed(self._rpc.compute_loss, placement, timeout)
                     return loss_result(data, request, placement.read)
                 finally:
                     self._finish(placement)
         if self._streams(request, stream):
             return self._stream(request, False, timeout, None, progress).loss_result()
-        return loss_result(self._call(self._compute_loss, request, timeout), request)
+        return loss_result(self._call(self._rpc.compute_loss, request, timeout), request)
 
     def compute_gradient(
         self,
@@ -270,18 +244,18 @@ class LossClient:
                 request, gradient=True, gradient_out=check_gradient_out(out, request.predictions))
             if placement is not None:
                 try:
-                    data = self._call_placed(self._compute_gradient, placement, timeout)
+                    data = self._call_placed(self._rpc.compute_gradient, placement, timeout)
                     return gradient_result(data, request, placement.read)
                 finally:
                     self._finish(placement)
         if self._streams(request, stream):
             return self._stream(request, True, timeout, out, progress).gradient_result()
-        result = gradient_result(self._call(self._compute_gradient, request, timeout), request)
+        result = gradient_result(self._call(self._rpc.compute_gradient, request, timeout), request)
         return with_out(result, out)
 
     def list_losses(self, *, timeout: float | None = None) -> list[LossInfo]:
         """Return the server's catalog: every loss, its inputs and its parameters."""
-        return loss_infos(self._call(self._list_losses, LIST_LOSSES_REQUEST, timeout))
+        return loss_infos(self._call(self._rpc.list_losses, LIST_LOSSES_REQUEST, timeout))
 
     def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
         if request.hessian:
@@ -307,7 +281,7 @@ class LossClient:
                 yield message
 
         try:
-            for data in self._compute_stream(
+            for data in self._rpc.compute_stream(
                     requests(), timeout=self._timeout if timeout is None else timeout,
                     metadata=self._settings.metadata):
                 plan.receive(data)
@@ -335,7 +309,7 @@ class LossClient:
 
     def _register_all(self, segments: list[Segment], timeout: float | None) -> None:
         for segment in segments:
-            self._call(self._register, register_request(segment), timeout)
+            self._call(self._rpc.register, register_request(segment), timeout)
             segment.registered = True
 
     def _finish(self, placement: Placement) -> None:
@@ -348,7 +322,7 @@ class LossClient:
         for segment in segments:
             if segment.registered:
                 try:
-                    self._call(self._unregister, unregister_request(segment),
+                    self._call(self._rpc.unregister, unregister_request(segment),
                                _UNREGISTER_TIMEOUT_S)
                 except LossgradError:
                     pass  # unreachable or restarted: it has no such region anyway
