@@ -43,7 +43,12 @@ Per row, in turns ({seconds:g} s of calls each, five rounds, at most {max_reps} 
   the gradient there, the client copies the gradient out into a new array.
 - **shm, zero-copy**: the inputs are `client.shared_array(...)` arrays the worker filled,
   and `out=` another: the server reads the inputs in place and its kernel writes
-  the gradient straight into the worker's array; only names and offsets go through gRPC.
+  the gradient straight into the worker's array; only names and offsets travel.
+
+Both shared-memory columns send their calls over the server's shared-memory socket (a
+Unix socket in the shared directory, `ServerFeatures.shared_memory_socket`), as the
+client does by itself; **zero-copy over gRPC** is the zero-copy call with
+`SharedMemoryOptions(socket=False)`, the names and offsets in a gRPC call instead.
 
 Before timing, each shared-memory result must be bit-identical to the bytes result
 (**MISMATCH** otherwise). *PyTorch ÷ shm* above 1 means the sidecar is faster than
@@ -84,14 +89,20 @@ def run(quick: bool) -> tuple[str, list[str]]:
         with ServerProcess(command) as server, \
                 LossClient(server.address, timeout=CALL_TIMEOUT_S) as plain, \
                 LossClient(server.address, timeout=CALL_TIMEOUT_S,
-                           shared_memory=options) as client:
+                           shared_memory=options) as client, \
+                LossClient(server.address, timeout=CALL_TIMEOUT_S,
+                           shared_memory=SharedMemoryOptions(directory=directory,
+                                                             socket=False)) as via_grpc:
             for case in _cases(quick):
-                row, ok = _calmest(lambda c=case: _measure(c, plain, client, seconds,
-                                                           max_reps), server.pid, attempts)
+                row, ok = _calmest(lambda c=case: _measure(c, plain, client, via_grpc,
+                                                           seconds, max_reps),
+                                   server.pid, attempts)
                 rows.append(row)
                 if not ok:
                     problems.append(f"sidecar {case.loss} {case.size_label}: shared-memory "
                                     "result differs from the bytes result")
+                if client._shm.link is None:
+                    problems.append("sidecar: the client did not use the shared-memory socket")
                 print(f"  sidecar {case.loss} {case.size_label}: " + ", ".join(
                     f"{k} {v}" for k, v in zip(HEADER[2:], row[2:], strict=False)), flush=True)
     finally:
@@ -102,7 +113,8 @@ def run(quick: bool) -> tuple[str, list[str]]:
 
 
 HEADER = ("loss", "size", "PyTorch local p50 / p99 ms", "1 thread", "bytes p50 / p99",
-          "shm copying p50 / p99", "shm zero-copy p50 / p99", "PyTorch ÷ shm copying",
+          "shm copying p50 / p99", "shm zero-copy p50 / p99",
+          "zero-copy over gRPC p50 / p99", "PyTorch ÷ shm copying",
           "PyTorch ÷ shm zero-copy", "other load")
 
 
@@ -134,13 +146,17 @@ def _calmest(measure: Callable[[], tuple[list[str], bool]], server_pid: int,
     return [*row, f"{100 * other:.0f}%"], ok
 
 
-def _measure(case: Case, plain: Any, client: Any, seconds: float,
+def _measure(case: Case, plain: Any, client: Any, via_grpc: Any, seconds: float,
              max_reps: int) -> tuple[list[str], bool]:
     x, y = inputs(case)
     xs = client.shared_array(x.shape, x.dtype)
     ys = client.shared_array(y.shape, y.dtype)
     gs = client.shared_array(x.shape, x.dtype)
     xs[...], ys[...] = x, y
+    xg = via_grpc.shared_array(x.shape, x.dtype)
+    yg = via_grpc.shared_array(y.shape, y.dtype)
+    gg = via_grpc.shared_array(x.shape, x.dtype)
+    xg[...], yg[...] = x, y
     params = case.params
     import torch
 
@@ -155,10 +171,11 @@ def _measure(case: Case, plain: Any, client: Any, seconds: float,
     expected = plain.compute_gradient(case.loss, x, y, **params)
     copying = client.compute_gradient(case.loss, x, y, **params)
     zero_copy = client.compute_gradient(case.loss, xs, ys, out=gs, **params)
+    zero_copy_grpc = via_grpc.compute_gradient(case.loss, xg, yg, out=gg, **params)
     ok = all(float(r.loss) == float(expected.loss)
              and r.gradient.tobytes() == expected.gradient.tobytes()
-             for r in (copying, zero_copy))
-    del expected, copying, zero_copy
+             for r in (copying, zero_copy, zero_copy_grpc))
+    del expected, copying, zero_copy, zero_copy_grpc
     timings = interleaved({
         "torch": torch_step(TORCH_THREADS),
         "torch1": torch_step(1),
@@ -166,6 +183,8 @@ def _measure(case: Case, plain: Any, client: Any, seconds: float,
         "copying": lambda: client.compute_gradient(case.loss, x, y, **params),
         "zero_copy": lambda: client.compute_gradient(case.loss, xs, ys, out=gs,
                                                      **params),
+        "zero_copy_grpc": lambda: via_grpc.compute_gradient(case.loss, xg, yg, out=gg,
+                                                            **params),
     }, budget_s=seconds, min_reps=5, max_reps=max_reps)
 
     def cell(t: Timing) -> str:
@@ -177,7 +196,7 @@ def _measure(case: Case, plain: Any, client: Any, seconds: float,
            case.size_label + ("" if ok else " **MISMATCH**"),
            cell(timings["torch"]), cell(timings["torch1"]), cell(timings["bytes"]),
            cell(timings["copying"]),
-           cell(timings["zero_copy"]),
+           cell(timings["zero_copy"]), cell(timings["zero_copy_grpc"]),
            fmt_ratio(torch_ms / timings["copying"].ms()),
            fmt_ratio(torch_ms / timings["zero_copy"].ms())]
     return row, ok

@@ -16,6 +16,7 @@ import grpc.aio
 
 from ._channel import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_RETRIES, Methods, channel_settings
 from ._client import CLIENT_ARGUMENTS_DOC, SHARED_MEMORY_DOC
+from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._requests import (
     LIST_LOSSES_REQUEST,
     compute_request,
@@ -34,6 +35,7 @@ from ._shm import (
     transport,
     unregister_request,
 )
+from ._shm_socket import COMPUTE_GRADIENT, COMPUTE_LOSS, SharedMemorySocketLink, SocketDown
 from ._stream import (
     DEFAULT_CHUNK_BYTES,
     Progress,
@@ -43,7 +45,7 @@ from ._stream import (
     with_out,
 )
 from ._types import GradientResult, LossInfo, LossResult
-from ._wire import ComputeRequest
+from ._wire import ComputeRequest, serialize_request
 from .errors import LossgradError, NotFoundError, from_rpc_error
 
 _NOT_REGISTERED = "SHARED_MEMORY_REGION_NOT_FOUND"
@@ -81,6 +83,7 @@ class AsyncLossClient:
         shared_memory: bool | SharedMemoryOptions = False,
     ) -> None:
         self._shm = transport(shared_memory)
+        self._token = token
         settings = channel_settings(
             target, max_message_bytes=max_message_bytes, retries=retries,
             load_balancing=load_balancing, options=options, credentials=credentials,
@@ -148,7 +151,8 @@ class AsyncLossClient:
             placement = self._shm.prepare(request, gradient=False, gradient_out=None)
             if placement is not None:
                 try:
-                    data = await self._call_placed(self._rpc.compute_loss, placement, timeout)
+                    data = await self._call_placed(self._rpc.compute_loss, COMPUTE_LOSS,
+                                                   placement, timeout)
                     return loss_result(data, request, placement.read)
                 finally:
                     await self._finish(placement)
@@ -185,7 +189,8 @@ class AsyncLossClient:
                 request, gradient=True, gradient_out=check_gradient_out(out, request.predictions))
             if placement is not None:
                 try:
-                    data = await self._call_placed(self._rpc.compute_gradient, placement, timeout)
+                    data = await self._call_placed(self._rpc.compute_gradient, COMPUTE_GRADIENT,
+                                                   placement, timeout)
                     return gradient_result(data, request, placement.read)
                 finally:
                     await self._finish(placement)
@@ -238,20 +243,39 @@ class AsyncLossClient:
                 writer.cancel()
         return plan
 
-    async def _call_placed(self, method: grpc.aio.UnaryUnaryMultiCallable,
+    async def _call_placed(self, method: grpc.aio.UnaryUnaryMultiCallable, number: int,
                            placement: Placement, timeout: float | None) -> Any:
-        """See :meth:`LossClient._call_placed`."""
+        """See :meth:`LossClient._call_placed`; a call over the shared-memory socket
+        waits on a worker thread."""
+        assert self._shm is not None
         for attempt in (0, 1):
             for segment in [s for s in placement.used if not s.registered]:
                 await self._call(self._rpc.register, register_request(segment), timeout)
                 segment.registered = True
+            link = self._shm.link if self._shm.link_known else await self._find_socket(timeout)
             try:
+                if link is not None:
+                    try:
+                        return await asyncio.to_thread(
+                            link.call, number, serialize_request(placement.request), timeout)
+                    except SocketDown:
+                        pass  # not computed: gRPC carries it
                 return await self._call(method, placement.request, timeout)
             except NotFoundError as err:
                 if err.reason != _NOT_REGISTERED or attempt or self._shm is None:
                     raise
                 self._shm.forget_registrations()
         raise AssertionError("unreachable")
+
+    async def _find_socket(self, timeout: float | None) -> SharedMemorySocketLink | None:
+        """See :meth:`LossClient._find_socket`."""
+        assert self._shm is not None
+        try:
+            info = await self._call(self._rpc.server_info, pb.GetServerInfoRequest(), timeout)
+            name = info.features.shared_memory_socket
+        except LossgradError:
+            name = ""
+        return self._shm.use_socket(name, self._token)
 
     async def _finish(self, placement: Placement) -> None:
         assert self._shm is not None

@@ -187,6 +187,7 @@ class Methods:
     list_losses: Any
     register: Any
     unregister: Any
+    server_info: Any
 
     @classmethod
     def bind(cls, channel: Any) -> Methods:
@@ -209,4 +210,6 @@ class Methods:
             unregister=unary("UnregisterSharedMemoryRegion",
                              pb.UnregisterSharedMemoryRegionRequest.SerializeToString,
                              pb.UnregisterSharedMemoryRegionResponse.FromString),
+            server_info=unary("GetServerInfo", pb.GetServerInfoRequest.SerializeToString,
+                              pb.GetServerInfoResponse.FromString),
         )

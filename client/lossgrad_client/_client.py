@@ -15,6 +15,7 @@ from ._channel import (
     Methods,
     channel_settings,
 )
+from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from ._requests import (
     LIST_LOSSES_REQUEST,
     compute_request,
@@ -33,6 +34,7 @@ from ._shm import (
     transport,
     unregister_request,
 )
+from ._shm_socket import COMPUTE_GRADIENT, COMPUTE_LOSS, SharedMemorySocketLink, SocketDown
 from ._stream import (
     DEFAULT_CHUNK_BYTES,
     Progress,
@@ -42,7 +44,7 @@ from ._stream import (
     with_out,
 )
 from ._types import GradientResult, LossInfo, LossResult
-from ._wire import ComputeRequest, StreamRequest
+from ._wire import ComputeRequest, StreamRequest, serialize_request
 from .errors import LossgradError, NotFoundError, from_rpc_error
 
 _Client = TypeVar("_Client", bound="LossClient")
@@ -111,6 +113,7 @@ class LossClient:
         shared_memory: bool | SharedMemoryOptions = False,
     ) -> None:
         self._shm = transport(shared_memory)
+        self._token = token
         settings = channel_settings(
             target, max_message_bytes=max_message_bytes, retries=retries,
             load_balancing=load_balancing, options=options, credentials=credentials,
@@ -192,7 +195,8 @@ class LossClient:
             placement = self._shm.prepare(request, gradient=False, gradient_out=None)
             if placement is not None:
                 try:
-                    data = self._call_placed(self._rpc.compute_loss, placement, timeout)
+                    data = self._call_placed(self._rpc.compute_loss, COMPUTE_LOSS, placement,
+                                             timeout)
                     return loss_result(data, request, placement.read)
                 finally:
                     self._finish(placement)
@@ -244,7 +248,8 @@ class LossClient:
                 request, gradient=True, gradient_out=check_gradient_out(out, request.predictions))
             if placement is not None:
                 try:
-                    data = self._call_placed(self._rpc.compute_gradient, placement, timeout)
+                    data = self._call_placed(self._rpc.compute_gradient, COMPUTE_GRADIENT,
+                                             placement, timeout)
                     return gradient_result(data, request, placement.read)
                 finally:
                     self._finish(placement)
@@ -293,19 +298,38 @@ class LossClient:
             finished.set()
         return plan
 
-    def _call_placed(self, method: grpc.UnaryUnaryMultiCallable, placement: Placement,
-                     timeout: float | None) -> Any:
+    def _call_placed(self, method: grpc.UnaryUnaryMultiCallable, number: int,
+                     placement: Placement, timeout: float | None) -> Any:
         """Send a request that uses shared memory, registering its segments first; once
-        more after registering them again if the server lost them (it restarted)."""
+        more after registering them again if the server lost them (it restarted). It
+        goes over the server's shared-memory socket when there is one, else over gRPC."""
+        assert self._shm is not None
         for attempt in (0, 1):
             self._register_all([s for s in placement.used if not s.registered], timeout)
+            link = self._shm.link if self._shm.link_known else self._find_socket(timeout)
             try:
+                if link is not None:
+                    try:
+                        return link.call(number, serialize_request(placement.request),
+                                         timeout)
+                    except SocketDown:
+                        pass  # not computed: gRPC carries it
                 return self._call(method, placement.request, timeout)
             except NotFoundError as err:
                 if err.reason != _NOT_REGISTERED or attempt or self._shm is None:
                     raise
                 self._shm.forget_registrations()
         raise AssertionError("unreachable")
+
+    def _find_socket(self, timeout: float | None) -> SharedMemorySocketLink | None:
+        """Ask the server for its shared-memory socket (once)."""
+        assert self._shm is not None
+        try:
+            info = self._call(self._rpc.server_info, pb.GetServerInfoRequest(), timeout)
+            name = info.features.shared_memory_socket
+        except LossgradError:
+            name = ""  # an older server, or none reachable: gRPC only
+        return self._shm.use_socket(name, self._token)
 
     def _register_all(self, segments: list[Segment], timeout: float | None) -> None:
         for segment in segments:

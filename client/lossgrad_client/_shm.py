@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from ._convert import from_tensor
 from ._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from ._shm_socket import SharedMemorySocketLink
 from ._stream import check_out
 from ._wire import (
     ComputeRequest,
@@ -56,7 +57,10 @@ class SharedMemoryOptions:
 
     ``directory`` must be the one the server opens keys in (``--shared-memory-dir``),
     e.g. a memory-backed volume both containers mount; ``key_prefix`` must start with
-    the server's ``--shared-memory-key-prefix``. Requests whose tensors total fewer than
+    the server's ``--shared-memory-key-prefix``. With ``socket``, calls go over the
+    server's shared-memory socket (a Unix socket in ``directory``, a faster round trip
+    than gRPC) when the server offers one, and over gRPC when it cannot be reached.
+    Requests whose tensors total fewer than
     ``min_bytes`` go as bytes (below ~64 KiB gRPC moves them as fast), unless an input
     or ``gradient_out`` is a shared array. ``mode`` is the segments' file mode: 0o600
     needs the server to run as the same user, 0o660 the same group.
@@ -66,6 +70,7 @@ class SharedMemoryOptions:
     key_prefix: str = "lossgrad"
     min_bytes: int = 65536
     mode: int = 0o600
+    socket: bool = True
 
 
 class Segment:
@@ -209,6 +214,18 @@ class SharedMemoryTransport:
         self._segments: dict[str, Segment] = {}
         self._free: list[Segment] = []  # idle staging segments
         self._closed = False
+        self.link: SharedMemorySocketLink | None = None
+        self.link_known = False  # whether the server was asked for its socket
+
+    def use_socket(self, name: str, token: str | None) -> SharedMemorySocketLink | None:
+        """Use the server's socket ``name`` (from GetServerInfo; empty: it has none)."""
+        with self._lock:
+            if not self.link_known:
+                self.link_known = True
+                if name and self.options.socket and os.path.basename(name) == name:
+                    self.link = SharedMemorySocketLink(
+                        os.path.join(self.options.directory, name), token)
+            return self.link
 
     def shared_array(self, shape: int | tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
         """A new zeroed array in a segment of its own, registered at its first use."""
@@ -293,6 +310,8 @@ class SharedMemoryTransport:
             segments = list(self._segments.values())
             self._segments.clear()
             self._free.clear()
+        if self.link is not None:
+            self.link.close()
         for segment in segments:
             segment.destroy()
         return [s for s in segments if s.registered]

@@ -139,11 +139,16 @@ def from_rpc_error(err: grpc.RpcError) -> LossgradError:
             value = value.decode("utf-8", "replace")
         values[str(key)] = str(value)
     status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-    cls = _BY_CODE.get(status, LossgradError)
     message = details if isinstance(details, str) and details else str(err)
     reason, field = _rich_status(status_details)
-    return cls(message, code=status, reason=reason or values.get(REASON_KEY),
-               field=field or values.get(FIELD_KEY))
+    return error_for_code(status, message, reason=reason or values.get(REASON_KEY),
+                          field=field or values.get(FIELD_KEY))
+
+
+def error_for_code(code: grpc.StatusCode, message: str, *, reason: str | None = None,
+                   field: str | None = None) -> LossgradError:
+    """The LossgradError subclass for ``code``, with these attributes."""
+    return _BY_CODE.get(code, LossgradError)(message, code=code, reason=reason, field=field)
 
 
 def _rich_status(data: bytes | None) -> tuple[str | None, str | None]:

@@ -51,6 +51,7 @@ _ENV_SHM_DIR = "LOSSGRAD_SHARED_MEMORY_DIR"
 _ENV_SHM_PREFIX = "LOSSGRAD_SHARED_MEMORY_KEY_PREFIX"
 _ENV_SHM_MAX_REGIONS = "LOSSGRAD_SHARED_MEMORY_MAX_REGIONS"
 _ENV_SHM_MAX_BYTES = "LOSSGRAD_SHARED_MEMORY_MAX_BYTES"
+_ENV_SHM_SOCKET = "LOSSGRAD_SHARED_MEMORY_SOCKET"
 _ENV_PLUGINS = plugin.ENV_PLUGINS
 _ENV_PLUGIN_ERRORS = plugin.ENV_PLUGIN_ERRORS
 _TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -225,13 +226,28 @@ def _shared_memory_options(serve: argparse.ArgumentParser) -> None:
                        default=env(_ENV_SHM_MAX_BYTES, str(shm.DEFAULT_MAX_BYTES)),
                        help="most bytes of regions registered at once (env "
                             f"{_ENV_SHM_MAX_BYTES}; default %(default)s)")
+    serve.add_argument("--shared-memory-socket", type=_socket_name,
+                       default=env(_ENV_SHM_SOCKET, shm.DEFAULT_SOCKET),
+                       help="file name, in the shared-memory directory, of the Unix socket "
+                            "that carries calls whose tensors are in shared memory ({port} "
+                            "is the server's port; '' for none) (env "
+                            f"{_ENV_SHM_SOCKET}; default %(default)s)")
+
+
+def _socket_name(value: str) -> str:
+    try:
+        shm.SharedMemoryConfig(socket=value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def _shared_memory(args: argparse.Namespace) -> shm.SharedMemoryConfig | None:
     if not args.shared_memory:
         return None
     return shm.SharedMemoryConfig(args.shared_memory_dir, args.shared_memory_key_prefix,
-                                  args.shared_memory_max_regions, args.shared_memory_max_bytes)
+                                  args.shared_memory_max_regions, args.shared_memory_max_bytes,
+                                  args.shared_memory_socket)
 
 
 def _floats(text: str) -> list[float]:

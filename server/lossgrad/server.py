@@ -36,6 +36,7 @@ from .service import (
     method_handlers,
 )
 from .shm import SharedMemoryConfig, SharedMemoryRegistry
+from .shm_socket import SharedMemorySocket
 from .telemetry import Telemetry
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -119,7 +120,8 @@ class LossServer:
     def __init__(self, server: grpc.Server, health: HealthServicer, telemetry: Telemetry,
                  health_server: grpc.Server | None, health_port: int | None,
                  metrics_server: WSGIServer | None,
-                 shared_memory: SharedMemoryRegistry | None = None) -> None:
+                 shared_memory: SharedMemoryRegistry | None = None,
+                 shared_memory_socket: SharedMemorySocket | None = None) -> None:
         self.grpc_server = server
         self.health = health
         self.telemetry = telemetry
@@ -128,14 +130,20 @@ class LossServer:
         self._health_server = health_server
         self._metrics_server = metrics_server
         self.shared_memory = shared_memory
+        self.shared_memory_socket = shared_memory_socket
 
     def stop(self, grace: float | None) -> threading.Event:
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        local = self.shared_memory_socket
+        if local is not None:  # new connections and calls are refused from now on
+            local.stop()
         stopped = self.grpc_server.stop(grace)
         done = threading.Event()
 
         def finish() -> None:
             stopped.wait()
+            if local is not None:
+                local.close()
             if self.shared_memory is not None:  # no call is left: unmap every region
                 self.shared_memory.close()
             if self._health_server is not None:  # probes see NOT_SERVING until the end
@@ -213,6 +221,7 @@ def create_server(
     telemetry = Telemetry()
     registry = None if shared_memory is None else SharedMemoryRegistry(shared_memory)
     health_server, health_bound, metrics_server = None, None, None
+    local: SharedMemorySocket | None = None
     if health_port is not None:
         health_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="lossgrad-health"),
@@ -242,12 +251,24 @@ def create_server(
                 hessian=True, shared_memory=shared_memory is not None,
                 plugins=plugins_found.to_proto()),
             telemetry=telemetry)
-        server = _build(max_workers=max_workers, max_message_bytes=max_message_bytes,
-                        max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,
-                        max_connection_age_s=max_connection_age_s, reflection=reflection,
-                        health=health, telemetry=telemetry, server_info=info,
-                        auth_token=auth_token, kserve_api=kserve_api, shared_memory=registry)
+        server, handlers = _build(
+            max_workers=max_workers, max_message_bytes=max_message_bytes,
+            max_elements=max_elements, max_concurrent_rpcs=max_concurrent_rpcs,
+            max_connection_age_s=max_connection_age_s, reflection=reflection, health=health,
+            telemetry=telemetry, server_info=info, auth_token=auth_token,
+            kserve_api=kserve_api, shared_memory=registry)
         bound = _bind(server, host, port, tls)
+        if shared_memory is not None and shared_memory.socket:
+            name = shared_memory.socket.replace("{port}", str(bound))
+            try:
+                local = SharedMemorySocket(
+                    os.path.join(shared_memory.directory, name), handlers,
+                    max_message_bytes=max_message_bytes, auth_token=auth_token)
+            except OSError as err:
+                server.stop(None)
+                raise OSError(f"cannot listen on the shared-memory socket {name!r} in "
+                              f"{shared_memory.directory}: {err}") from err
+            info.features.shared_memory_socket = name
         if metrics_port is not None:
             try:
                 metrics_server, _ = start_http_server(metrics_port, host, telemetry.registry)
@@ -257,6 +278,8 @@ def create_server(
                               f"for metrics: {err}") from err
         server.start()
     except BaseException:
+        if local is not None:
+            local.close()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -267,14 +290,16 @@ def create_server(
         raise
     health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return LossServer(server, health, telemetry, health_server, health_bound,
-                      metrics_server, registry), bound
+                      metrics_server, registry, local), bound
 
 
 def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None,
            max_concurrent_rpcs: int | None, max_connection_age_s: float | None,
            reflection: bool, health: HealthServicer, telemetry: Telemetry,
            server_info: ServerInfo, auth_token: str | None, kserve_api: bool,
-           shared_memory: SharedMemoryRegistry | None = None) -> grpc.Server:
+           shared_memory: SharedMemoryRegistry | None = None,
+           ) -> tuple[grpc.Server, dict[str, grpc.RpcMethodHandler]]:
+    """The gRPC server, and its (measured) LossService handlers by method name."""
     options: list[tuple[str, int]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -312,7 +337,7 @@ def _build(*, max_workers: int, max_message_bytes: int, max_elements: int | None
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if reflection:
         grpc_reflection.enable_server_reflection(services, server)
-    return server
+    return server, handlers
 
 
 def _add_kserve(server: grpc.Server, health: HealthServicer, telemetry: Telemetry,

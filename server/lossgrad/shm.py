@@ -67,6 +67,7 @@ DEFAULT_DIRECTORY = "/dev/shm"
 DEFAULT_KEY_PREFIX = "lossgrad"
 DEFAULT_MAX_REGIONS = 64
 DEFAULT_MAX_BYTES = 16 * 1024**3
+DEFAULT_SOCKET = "lossgrad-{port}.sock"
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _KEY = re.compile(r"/?([A-Za-z0-9._-]{1,255})")
@@ -74,16 +75,25 @@ _KEY = re.compile(r"/?([A-Za-z0-9._-]{1,255})")
 
 @dataclass(frozen=True)
 class SharedMemoryConfig:
-    """Where keys are opened, which names may be opened, and how much may be mapped."""
+    """Where keys are opened, which names may be opened, and how much may be mapped.
+
+    ``socket`` names the shared-memory socket (:mod:`lossgrad.shm_socket`) in
+    ``directory``; ``{port}`` in it becomes the server's port; empty for none.
+    """
 
     directory: str = DEFAULT_DIRECTORY
     key_prefix: str = DEFAULT_KEY_PREFIX
     max_regions: int = DEFAULT_MAX_REGIONS
     max_bytes: int = DEFAULT_MAX_BYTES
+    socket: str = DEFAULT_SOCKET
 
     def __post_init__(self) -> None:
         if self.max_regions < 1 or self.max_bytes < 1:
             raise ValueError("max_regions and max_bytes must be >= 1")
+        name = self.socket.replace("{port}", "0")
+        if self.socket and (not _NAME.fullmatch(name) or name in (".", "..")):
+            raise ValueError(f"socket {self.socket!r}: a file name of [A-Za-z0-9._-] "
+                             "(with {port} for the server's port), or empty for none")
         if not _KEY.fullmatch(self.key_prefix or "x") or "/" in self.key_prefix:
             raise ValueError(f"key prefix {self.key_prefix!r}: only [A-Za-z0-9._-] allowed")
 

@@ -1250,6 +1250,7 @@ class ServerFeatures(_message.Message):
     KSERVE_FIELD_NUMBER: _builtins.int
     HESSIAN_FIELD_NUMBER: _builtins.int
     PLUGINS_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_SOCKET_FIELD_NUMBER: _builtins.int
     reflection: _builtins.bool
     """gRPC server reflection is served."""
     tls: _builtins.bool
@@ -1272,6 +1273,13 @@ class ServerFeatures(_message.Message):
     """
     hessian: _builtins.bool
     """ComputeGradient returns diagonal Hessians on request (ComputeGradientRequest.hessian)."""
+    shared_memory_socket: _builtins.str
+    """With shared memory on: the file name, in the shared-memory directory, of the
+    server's Unix socket for ComputeLoss and ComputeGradient calls whose tensors are in
+    shared memory (a faster round trip than gRPC's for a client on the same host; the
+    Python client uses it by itself). Empty when there is none. Its framing is
+    described in the server's lossgrad/shm_socket.py.
+    """
     @_builtins.property
     def plugins(self) -> Global___PluginStatus:
         """The loss plugins the server found at start: those loaded, and those skipped
@@ -1291,10 +1299,11 @@ class ServerFeatures(_message.Message):
         kserve: _builtins.bool = ...,
         hessian: _builtins.bool = ...,
         plugins: Global___PluginStatus | None = ...,
+        shared_memory_socket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plugins", b"plugins"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "plugins", b"plugins", "reflection", b"reflection", "shared_memory", b"shared_memory", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "hessian", b"hessian", "kserve", b"kserve", "metrics", b"metrics", "mutual_tls", b"mutual_tls", "plugins", b"plugins", "reflection", b"reflection", "shared_memory", b"shared_memory", "shared_memory_socket", b"shared_memory_socket", "streaming", b"streaming", "tls", b"tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
