@@ -69,12 +69,15 @@ E2E_NOTE = """\
 Servers in subprocesses on 127.0.0.1: `python -m lossgrad serve --port 0` and
 `bench/echo_server.py` (a generic grpcio handler returning the request bytes, identity
 serializers), both with {workers} worker threads and a {mib} MiB message limit. The client
-is `lossgrad_client.LossClient.compute_gradient("mse", x, y)` (float32); the echo call
-sends prebuilt bytes of the request's size (predictions + targets) and gets as many back,
-so it moves more bytes than lossgrad does (whose response is the gradient, half the
-request). p50 / p99 over N calls after a correctness check and one warm-up call, N bounded
-by a time budget per size. *lossgrad − echo − compute* is what lossgrad spends beyond the
-transport floor and its own kernel: protobuf encoding and decoding, copies, allocation.
+is `lossgrad_client.LossClient.compute_gradient("mse", x, y)` (float32), and for the last
+row `compute_gradient("sparse_categorical_cross_entropy", logits, labels, from_logits=True)`
+(256×10 float32 logits, int64 labels); the echo call sends prebuilt bytes of the request's
+size (predictions + targets) and gets as many back, so it moves more bytes than lossgrad
+does (whose response is the gradient). p50 / p99 over N calls after a correctness check
+and one warm-up call, N bounded by a time budget per size. *lossgrad − echo − compute* is
+what lossgrad spends beyond the transport floor and its own kernel: protobuf encoding and
+decoding, copies, allocation. The client sends requests over 32 MiB (the 1.6e7 row) by
+ComputeStream, its default.
 Each table is one child process (the client) with its own two servers, all in the
 environment shown.
 """

@@ -26,6 +26,7 @@ import numpy as np
 from cases import Case, inputs, mse, request_bytes, sparse_ce
 from echo_server import METHOD as ECHO_METHOD
 from lossgrad_client import LossClient
+from lossgrad_client._stream import DEFAULT_STREAM_THRESHOLD_BYTES
 from measure import Timing, fmt_ms, fmt_ratio, repeat, table
 from servers import MAX_MESSAGE_BYTES, ServerProcess, echo_command, lossgrad_command, max_workers
 
@@ -41,8 +42,9 @@ def _client(address: str) -> LossClient:
                       options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def _call(client: LossClient, case: Case, x: np.ndarray, y: np.ndarray) -> Any:
-    return client.compute_gradient(case.loss, x, y, **case.params)
+def _call(client: LossClient, case: Case, x: np.ndarray, y: np.ndarray,
+          stream: bool | None = None) -> Any:
+    return client.compute_gradient(case.loss, x, y, stream=stream, **case.params)
 
 
 def _same_as_in_process(result: Any, case: Case, x: np.ndarray, y: np.ndarray) -> bool:
@@ -56,6 +58,7 @@ def _same_as_in_process(result: Any, case: Case, x: np.ndarray, y: np.ndarray) -
 
 def e2e(quick: bool, untuned: bool) -> tuple[str, list[str]]:
     sizes = [10**3, 10**5, 10**6] + ([] if quick else [16_000_000])
+    cases = [mse(n) for n in sizes] + [sparse_ce(256, 10)]
     per_method_s = 1.0 if quick else 3.0
     max_calls = 300 if quick else 2000
     workers = max_workers()
@@ -68,25 +71,26 @@ def e2e(quick: bool, untuned: bool) -> tuple[str, list[str]]:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         try:
             echo = channel.unary_unary(ECHO_METHOD)  # no serializers: bytes in, bytes out
-            for n in sizes:
-                case = mse(n)
+            for case in cases:
                 x, y = inputs(case)
+                label = f"{case.family} {case.size_label}"
                 payload = x.tobytes() + y.tobytes()
                 same = _same_as_in_process(_call(client, case, x, y), case, x, y)
                 if not same:
-                    problems.append(f"e2e mse {case.size_label}: result differs from in-process")
+                    problems.append(f"e2e {label}: result differs from in-process")
                 if echo(payload, timeout=CALL_TIMEOUT_S) != payload:
                     raise RuntimeError("echo server changed the payload")
-                local = repeat(lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b),
+                local = repeat(lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b,
+                                                                         **c.params),
                                budget_s=per_method_s / 4, min_reps=3, max_reps=max_calls)
                 lg = repeat(lambda c=case, a=x, b=y: _call(client, c, a, b),
                             budget_s=per_method_s, min_reps=5, max_reps=max_calls, warm=1)
                 ec = repeat(lambda p=payload: echo(p, timeout=CALL_TIMEOUT_S),
                             budget_s=per_method_s, min_reps=5, max_reps=max_calls, warm=1)
-                print(f"  e2e mse {case.size_label}: lossgrad {lg.ms():.3f} ms, "
+                print(f"  e2e {label}: lossgrad {lg.ms():.3f} ms, "
                       f"echo {ec.ms():.3f} ms", flush=True)
                 rows.append([
-                    case.size_label, f"{len(payload) / MB:.3g}", f"{x.nbytes / MB:.3g}",
+                    label, f"{len(payload) / MB:.3g}", f"{x.nbytes / MB:.3g}",
                     fmt_ms(local.ms()),
                     f"{fmt_ms(lg.ms(50))} / {fmt_ms(lg.ms(99))}",
                     f"{fmt_ms(ec.ms(50))} / {fmt_ms(ec.ms(99))}",
@@ -95,7 +99,7 @@ def e2e(quick: bool, untuned: bool) -> tuple[str, list[str]]:
                 ])
         finally:
             channel.close()
-    header = ["MSE size (float32)", "request MB", "gradient MB", "in-process compute ms",
+    header = ["loss and size (float32)", "request MB", "gradient MB", "in-process compute ms",
               "lossgrad p50 / p99 ms", "echo p50 / p99 ms", "lossgrad / echo (p50)",
               "lossgrad − echo − compute ms", "calls (lossgrad / echo)",
               "same bits as in-process"]
@@ -184,7 +188,8 @@ def concurrency(quick: bool, untuned: bool) -> tuple[str, list[str]]:
             "untimed call of each; each round runs the two calls one after the other, then "
             "on two threads released together (wall time until both return). "
             f"Server: `lossgrad serve --max-workers {max_workers()}`; the two clients "
-            "have separate channels.\n\n")
+            "have separate channels; requests over 32 MiB go by ComputeStream, the client's "
+            "default.\n\n")
     return note + table(header, rows), []
 
 
@@ -194,28 +199,34 @@ def memory(quick: bool, untuned: bool) -> tuple[str, list[str]]:
     cases = [mse(10**5), mse(10**6), mse(4_000_000)]
     cases += [] if quick else [mse(16_000_000), sparse_ce(2048, 32000)]
     rows = []
-    for case in cases:
+    runs = []
+    for case in cases:  # past the client's stream threshold: both paths
+        big = request_bytes(*inputs(case)) > DEFAULT_STREAM_THRESHOLD_BYTES
+        runs += [(case, "stream", None), (case, "unary", False)] if big else [
+            (case, "unary", None)]
+    for case, path, stream in runs:
         x, y = inputs(case)
         size = request_bytes(x, y)
         with ServerProcess(lossgrad_command(max_workers(), untuned)) as server, \
                 _client(server.address) as client_a, _client(server.address) as client_b:
             base = server.status("VmRSS")
             for _ in range(SEQUENTIAL_CALLS):
-                _call(client_a, case, x, y)
+                _call(client_a, case, x, y, stream)
             peak_sequential = server.status("VmHWM")
             for _ in range(CONCURRENT_ROUNDS):
-                _together([partial(_call, c, case, x, y) for c in (client_a, client_b)])
+                _together([partial(_call, c, case, x, y, stream)
+                           for c in (client_a, client_b)])
             peak_concurrent = server.status("VmHWM")
             after = server.status("VmRSS")
-        print(f"  memory {case.loss} {case.size_label}: base {base / MB:.0f} MB, "
+        print(f"  memory {case.loss} {case.size_label} {path}: base {base / MB:.0f} MB, "
               f"peak {peak_sequential / MB:.0f} / {peak_concurrent / MB:.0f} MB", flush=True)
         rows.append([
-            f"{case.loss} {case.size_label}", f"{size / MB:.3g}", f"{base / MB:.0f}",
+            f"{case.loss} {case.size_label}", path, f"{size / MB:.3g}", f"{base / MB:.0f}",
             f"{peak_sequential / MB:.0f}", f"{(peak_sequential - base) / size:.2f}",
             f"{peak_concurrent / MB:.0f}", f"{(peak_concurrent - base) / size:.2f}",
             f"{after / MB:.0f}",
         ])
-    header = ["request", "request MB", "RSS at start MB",
+    header = ["request", "path", "request MB", "RSS at start MB",
               f"peak after {SEQUENTIAL_CALLS} sequential MB", "(peak − start) / request",
               f"peak after {CONCURRENT_ROUNDS}×2 concurrent MB",
               "(peak − start) / request", "RSS after burst MB"]
@@ -227,7 +238,10 @@ MEMORY_NOTE = (
     "loaded and warmed). Peaks are `VmHWM` from `/proc/PID/status` after "
     f"{SEQUENTIAL_CALLS} sequential calls, then after {CONCURRENT_ROUNDS} round(s) of 2 "
     "concurrent calls from two clients (the peak only grows). *RSS after burst*: `VmRSS` "
-    "when the calls are done (memory the allocator kept). Requests are float32.\n")
+    "when the calls are done (memory the allocator kept). Requests are float32. *path*: "
+    "the client sends requests over 32 MiB by ComputeStream (16 MiB chunks), its default, "
+    "so those rows are measured both ways: *stream* as it sends them, *unary* as one "
+    "message (`stream=False`).\n")
 
 SECTIONS: dict[str, Callable[[bool, bool], tuple[str, list[str]]]] = {
     "e2e": e2e,

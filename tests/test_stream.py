@@ -17,6 +17,7 @@ from lossgrad.server import create_server
 from lossgrad_client import AsyncLossClient, InvalidArgumentError, LossClient
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2_grpc as pb_grpc
+from lossgrad_client._stream import DEFAULT_CHUNK_BYTES, stream_sizes
 
 pytestmark = pytest.mark.e2e
 
@@ -275,3 +276,26 @@ def test_3d_weights_the_unary_call_refuses(small_server: str, loss: str, weights
             errors.append((info.value.reason, info.value.field, str(info.value)))
     assert errors[0] == errors[1]
     assert errors[0][:2] == ("SHAPE_MISMATCH", "sample_weight.shape")
+
+
+def test_default_threshold_is_32_mib_at_most_half_a_message(small_server: str) -> None:
+    assert stream_sizes(256 << 20, None, DEFAULT_CHUNK_BYTES) == (32 << 20, 16 << 20)
+    assert stream_sizes(1 << 30, None, DEFAULT_CHUNK_BYTES)[0] == 32 << 20
+    assert stream_sizes(MAX_MESSAGE, None, DEFAULT_CHUNK_BYTES) == (MAX_MESSAGE // 2,
+                                                                    MAX_MESSAGE // 2)
+    assert stream_sizes(256 << 20, 1000, DEFAULT_CHUNK_BYTES)[0] == 1000
+
+
+def test_a_variance_is_never_streamed(small_server: str) -> None:
+    rng = np.random.default_rng(3)
+    x, t = rng.standard_normal(3000), rng.standard_normal(3000)
+    var = rng.uniform(0.5, 2.0, 3000)
+    with LossClient(small_server, timeout=TIMEOUT, max_message_bytes=MAX_MESSAGE,
+                    stream_threshold_bytes=1000) as client:
+        with pytest.raises(InvalidArgumentError) as info:
+            client.compute_gradient("gaussian_nll", x, t, variance=var, stream=True)
+        assert info.value.field == "variance"
+        got = client.compute_gradient("gaussian_nll", x, t, variance=var)  # past the
+        want = compute("gaussian_nll", x, t, variance=var)  # threshold: one message
+        assert got.loss == want.loss
+        assert got.gradient.tobytes() == want.gradient.tobytes()

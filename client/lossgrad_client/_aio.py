@@ -23,7 +23,6 @@ from ._requests import (
     gradient_result,
     loss_infos,
     loss_result,
-    no_hessian_stream,
     with_hessian,
 )
 from ._shm import (
@@ -40,8 +39,8 @@ from ._stream import (
     DEFAULT_CHUNK_BYTES,
     Progress,
     StreamPlan,
-    request_bytes,
     stream_sizes,
+    streams,
     with_out,
 )
 from ._types import GradientResult, LossInfo, LossResult
@@ -206,9 +205,7 @@ class AsyncLossClient:
         return loss_infos(await self._call(self._rpc.list_losses, LIST_LOSSES_REQUEST, timeout))
 
     def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
-        if request.hessian:
-            return no_hessian_stream(stream)
-        return request_bytes(request) > self._stream_threshold if stream is None else stream
+        return streams(request, stream, self._stream_threshold)
 
     async def _stream(self, request: ComputeRequest, gradient: bool, timeout: float | None,
                       out: Any, progress: Progress | None) -> StreamPlan:

@@ -22,7 +22,6 @@ from ._requests import (
     gradient_result,
     loss_infos,
     loss_result,
-    no_hessian_stream,
     with_hessian,
 )
 from ._shm import (
@@ -39,8 +38,8 @@ from ._stream import (
     DEFAULT_CHUNK_BYTES,
     Progress,
     StreamPlan,
-    request_bytes,
     stream_sizes,
+    streams,
     with_out,
 )
 from ._types import GradientResult, LossInfo, LossResult
@@ -63,7 +62,7 @@ CLIENT_ARGUMENTS_DOC = """
     gives gRPC channel credentials instead. ``token`` is sent with every call as
     ``authorization: Bearer <token>``. ``options`` are extra gRPC channel arguments
     (they override the ones these arguments set). Requests whose tensors exceed
-    ``stream_threshold_bytes`` (default: half of ``max_message_bytes``) go by the
+    ``stream_threshold_bytes`` (default: 32 MiB, at most half of ``max_message_bytes``) go by the
     ComputeStream RPC in chunks of ``stream_chunk_bytes`` (at most half of
     ``max_message_bytes``), with the same results. ``shared_memory`` (True, or
     :class:`SharedMemoryOptions`) sends tensors through POSIX shared memory to a server
@@ -263,9 +262,7 @@ class LossClient:
         return loss_infos(self._call(self._rpc.list_losses, LIST_LOSSES_REQUEST, timeout))
 
     def _streams(self, request: ComputeRequest, stream: bool | None) -> bool:
-        if request.hessian:
-            return no_hessian_stream(stream)
-        return request_bytes(request) > self._stream_threshold if stream is None else stream
+        return streams(request, stream, self._stream_threshold)
 
     def _stream(self, request: ComputeRequest, gradient: bool, timeout: float | None,
                 out: Any, progress: Progress | None) -> StreamPlan:

@@ -152,16 +152,6 @@ def _optional_number(value: Any, field: str) -> float | None:
     return float(value)
 
 
-def no_hessian_stream(stream: bool | None) -> bool:
-    """False (a call with a Hessian is one message: ComputeStream carries no Hessian), or
-    InvalidArgumentError for ``stream=True``."""
-    if stream:
-        raise InvalidArgumentError(
-            "hessian: ComputeStream carries no Hessian; call without stream=True",
-            reason="INVALID_ARGUMENT", field="hessian")
-    return False
-
-
 def _reduction(value: str) -> pb.Reduction.ValueType:
     code = _REDUCTIONS.get(value.lower()) if isinstance(value, str) else None
     if code is None:

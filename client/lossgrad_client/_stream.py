@@ -31,6 +31,7 @@ from ._wire import (
 from .errors import InternalError, InvalidArgumentError
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+DEFAULT_STREAM_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_sent, bytes_total)``, called after each chunk is handed to gRPC."""
@@ -39,11 +40,31 @@ Progress = Callable[[int, int], None]
 def stream_sizes(max_message_bytes: int, threshold: int | None,
                  chunk_bytes: int) -> tuple[int, int]:
     """(threshold, chunk size) in bytes: half a message each at most, so that a chunk's
-    gradient fits a response too."""
+    gradient fits a response too. The default threshold is 32 MiB: from there on a
+    stream is as fast as one message, and the server's memory follows the chunk instead
+    of holding the message ~4 times (gRPC's buffer, the Python bytes, the gradient, the
+    response)."""
     half = max(1, max_message_bytes // 2)
     if chunk_bytes < 1:
         raise ValueError(f"stream_chunk_bytes must be >= 1, got {chunk_bytes}")
-    return (half if threshold is None else threshold), min(chunk_bytes, half)
+    if threshold is None:
+        threshold = min(half, DEFAULT_STREAM_THRESHOLD_BYTES)
+    return threshold, min(chunk_bytes, half)
+
+
+def streams(request: ComputeRequest, stream: bool | None, threshold: int) -> bool:
+    """Whether a request goes by ComputeStream: ``stream`` when given, else whether its
+    tensors exceed ``threshold``. Never with a Hessian or a variance (ComputeStream
+    carries neither): InvalidArgumentError for ``stream=True`` then."""
+    for name, given in (("hessian", bool(request.hessian)),
+                        ("variance", request.variance is not None)):
+        if given:
+            if stream:
+                raise InvalidArgumentError(
+                    f"{name}: ComputeStream carries no {name}; call without stream=True",
+                    reason="INVALID_ARGUMENT", field=name)
+            return False
+    return request_bytes(request) > threshold if stream is None else stream
 
 
 def with_out(result: GradientResult, out: Any) -> GradientResult:
