@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,31 @@ def test_bad_socket_names_are_usage_errors(name: str, capsys: pytest.CaptureFixt
         main(["serve", "--shared-memory", "--shared-memory-socket", name])
     assert stopped.value.code == 2
     assert "--shared-memory-socket" in capsys.readouterr().err
+
+
+def test_a_forked_child_opens_connections_of_its_own(client: LossClient) -> None:
+    xs = _shared(client, np.full(100, 3.0, np.float32))
+    zeros = _shared(client, np.zeros(100, np.float32))
+    assert client.compute_loss("mse", xs, zeros).loss == 9.0  # leaves an idle connection
+    link = client._shm.link if client._shm is not None else None
+    assert link is not None and link._idle
+    pid = os.fork()
+    if pid == 0:  # the child: only the socket, never gRPC (whose threads did not fork)
+        try:
+            frame = link.call(1, b"", TIMEOUT_S)  # an empty request: INVALID_ARGUMENT
+        except InvalidArgumentError:
+            os._exit(0 if not link._idle or link._pid == os.getpid() else 3)
+        except BaseException:
+            os._exit(2)
+        os._exit(1 if frame is not None else 4)
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client.compute_loss("mse", xs, zeros).loss == 9.0  # the parent's still work

@@ -11,6 +11,7 @@ caller sends the call over gRPC instead (:class:`SocketDown`).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -46,6 +47,7 @@ class SharedMemorySocketLink:
         self._idle: list[socket.socket] = []
         self._down_until = 0.0
         self._closed = False
+        self._pid = os.getpid()
 
     def call(self, method: int, request: bytes, timeout: float | None) -> bytes:
         """The serialized response; a LossgradError for an error status; SocketDown
@@ -79,6 +81,8 @@ class SharedMemorySocketLink:
 
     def _take(self, timeout: float | None) -> socket.socket:
         with self._lock:
+            if self._pid != os.getpid():  # a forked child: the connections are its parent's
+                self._pid, self._idle = os.getpid(), []
             if self._idle:
                 return self._idle.pop()
             if self._closed or time.monotonic() < self._down_until:
