@@ -466,6 +466,9 @@ def test_sidecar_overlay_shares_memory_between_worker_and_lossgrad(
     assert volumes[name]["emptyDir"]["medium"] == "Memory"
     limit = volumes[name]["emptyDir"]["sizeLimit"]
     assert int(config["LOSSGRAD_SHARED_MEMORY_MAX_BYTES"]) <= _bytes(limit)
+    # the Compute calls' Unix socket is a file of that shared directory too
+    socket_name = config["LOSSGRAD_SHARED_MEMORY_SOCKET"]
+    assert "/" not in socket_name and socket_name.endswith(".sock")
     worker_env = {e["name"]: e.get("value") for e in worker["env"]}
     assert worker_env["LOSSGRAD_SHARED_MEMORY_DIR"] == directory
     assert worker_env["LOSSGRAD_TARGET"] == f"127.0.0.1:{port}"
