@@ -82,6 +82,8 @@ class SharedMemorySocketLink:
     def _take(self, timeout: float | None) -> socket.socket:
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the connections are its parent's
+                for conn in self._idle:
+                    conn.close()  # the child's copy only (no shutdown): the parent's stays
                 self._pid, self._idle = os.getpid(), []
             if self._idle:
                 return self._idle.pop()
