@@ -7,6 +7,10 @@ varints); what ``_wire`` serializes is byte-identical to
 ``SerializeToString(deterministic=True)``. Malformed bytes raise WireError, nothing else.
 The bytes of the random layouts are written by a small encoder in this file, apart from
 the codec under test.
+
+Messages of up to 64 KiB go through the generated classes (``_wire.small``) and larger ones
+through the hand-written walk, so every test here runs both ways: as the codec is
+(``small``), and with the generated path turned off (``walk``), whatever the size.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from lossgrad_client import _wire
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from lossgrad_client._wire import small
 
 MASK64 = (1 << 64) - 1
 REQUEST_SCHEMA = {1: "string", 2: "tensor", 3: "tensor", 4: "tensor", 5: "enum", 6: "params",
@@ -37,6 +42,15 @@ PARAM_FIELDS = ("delta", "from_logits", "pos_weight", "label_smoothing", "ignore
 BOOL_PARAMS = ("from_logits", "log_predictions", "log_input", "full")
 REQUEST_TENSORS = ("predictions", "targets", "sample_weight", "variance")
 RESPONSE_TENSORS = ("losses", "gradient", "hessian", "variance_gradient")
+
+
+
+@pytest.fixture(autouse=True, params=["small", "walk"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``small``: the codec as it is; ``walk``: every message through the hand-written code."""
+    if request.param == "walk":
+        monkeypatch.setattr(small, "SMALL_MESSAGE_BYTES", -1)
+    return str(request.param)
 
 
 # --- an independent encoder for arbitrary layouts ------------------------------------------
@@ -437,6 +451,7 @@ def test_parse_responses_in_any_layout(seed: int) -> None:
                                   pb.ComputeGradientResponse.FromString(data))
 
 
+@pytest.mark.parametrize("codec", ["walk"], indirect=True)
 def test_tensor_data_is_a_view_of_the_message() -> None:
     data = pb.ComputeGradientRequest(
         loss="mse", predictions=pb.Tensor(dtype=1, shape=[3], data=b"a" * 12)).SerializeToString()
@@ -449,6 +464,78 @@ def test_tensor_data_is_a_view_of_the_message() -> None:
     gradient = _wire.parse_response(out).gradient
     assert gradient is not None
     assert isinstance(gradient.data, memoryview) and gradient.data.obj is out
+
+
+@pytest.mark.parametrize("codec", ["small"], indirect=True)
+def test_small_messages_go_through_the_generated_classes_large_ones_are_walked() -> None:
+    """Up to 64 KiB of tensors: canonical bytes, parsed into bytes of their own (aligned,
+    as CPython's bytes are). Above: the aligned layout, parsed into views of the message."""
+    for elements, is_small in ((1000, True), (small.SMALL_MESSAGE_BYTES // 8 - 128, True),
+                               (small.SMALL_MESSAGE_BYTES // 8, False)):
+        x = np.arange(elements, dtype=np.float32)
+        request = _wire.ComputeRequest(loss="mse", predictions=_wire.Tensor.of(x),
+                                       targets=_wire.Tensor.of(x))
+        data = _wire.serialize_request(request)
+        assert (data == _wire.serialize_request(request, align=False)) is is_small
+        parsed = _wire.parse_request(data)
+        assert parsed.predictions is not None
+        assert isinstance(parsed.predictions.data, memoryview) is not is_small
+        assert np.array_equal(np.frombuffer(parsed.predictions.data, np.float32), x)
+        response = _wire.ComputeResponse(loss=1.5, positions=elements,
+                                         gradient=_wire.Tensor.of(np.ones(elements)))
+        out = _wire.serialize_response(response)
+        gradient = _wire.parse_response(out).gradient
+        assert gradient is not None and bytes(gradient.data) == np.ones(elements).tobytes()
+        assert isinstance(gradient.data, memoryview) is not is_small
+
+
+@pytest.mark.parametrize("codec", ["small"], indirect=True)
+@pytest.mark.parametrize("data", [
+    b"\x0a\x03mse\x58\x01",  # field 11, not in the schema
+    b"\x0a\x03mse\x12\x04\x1a\x00\x78\x01",  # an unknown field in a tensor
+    b"\x62\x02\x78\x01",  # and in a location
+    b"\x08\x01",  # loss, a string, sent as a varint
+    b"\x12\x02\x08\x80",  # truncated
+], ids=["unknown", "unknown-in-tensor", "unknown-in-location", "wrong-wire-type", "truncated"])
+def test_the_walk_decides_what_the_generated_parser_does_not_know(data: bytes) -> None:
+    """A small message with fields the generated class does not know (a known field with
+    the wrong wire type among them), or that it refuses, goes to the walk, which skips
+    the unknown fields and names the field of anything malformed."""
+    assert small.parse_request(data) is None
+    try:
+        parsed = _wire.parse_request(data)
+    except _wire.WireError as err:
+        assert err.field in ("loss", "predictions.dtype")
+    else:
+        assert_request_equal(parsed, pb.ComputeGradientRequest.FromString(data))
+    assert small.parse_response(b"\x58\x01") is None
+    assert _wire.parse_response(b"\x58\x01").loss == 0.0
+
+
+@pytest.mark.parametrize("codec", ["small"], indirect=True)
+def test_values_the_generated_classes_refuse_are_written_by_the_walk() -> None:
+    """A value out of its field's range (the hand-written encoder wraps it, as protobuf
+    wraps what it reads) is written, not refused."""
+    response = _wire.ComputeResponse(loss=1.0, positions=1 << 64 | 5)
+    assert small.serialize_response(response) is None
+    assert _wire.parse_response(_wire.serialize_response(response)).positions == 5
+    request = _wire.ComputeRequest(loss="mse", reduction=(1 << 32) + 2)
+    assert small.serialize_request(request) is None
+    assert _wire.parse_request(_wire.serialize_request(request)).reduction == 2
+
+
+def test_a_canonical_small_response_read_by_the_walk_is_aligned() -> None:
+    """The client's arrays are aligned whichever way the response went: a walk of a
+    canonical response (a server's small responses are canonical) copies what it must."""
+    from lossgrad_client._convert import from_tensor
+
+    for shape in ((1,), (3, 5), (1000,)):
+        gradient = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+        data = pb.ComputeGradientResponse(loss=1.5, gradient=pb.Tensor(
+            dtype=pb.DATA_TYPE_FLOAT64, shape=shape, data=gradient.tobytes())).SerializeToString()
+        array = from_tensor(_wire.parse_response(data + b"\x58\x01").gradient, "gradient")
+        assert array.flags.aligned and not array.flags.writeable
+        assert np.array_equal(array, gradient)
 
 
 def test_parse_accepts_bytearray_and_memoryview() -> None:
@@ -746,6 +833,7 @@ def test_millions_of_fields_do_not_loop_in_python() -> None:
 
 # --- the server's side: views, aligned copies, any conforming layout ------------------------
 
+@pytest.mark.parametrize("codec", ["walk"], indirect=True)
 def test_server_views_aligned_tensors_and_copies_the_others() -> None:
     from lossgrad import wire
 

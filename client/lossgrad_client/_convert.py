@@ -72,7 +72,11 @@ def from_tensor(tensor: Tensor | None, field: str) -> npt.NDArray[Any]:
             f"malformed {field} tensor in the response: dtype {tensor.dtype}, shape "
             f"{list(shape)}, {size} bytes", field=field)
     try:
-        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+        array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     except ValueError as err:  # a zero-sized shape too large for NumPy
         raise InternalError(f"malformed {field} tensor in the response: {err}",
                             field=field) from None
+    if not array.flags.aligned:  # a layout that does not align it: copied, still read-only
+        array = array.copy()
+        array.flags.writeable = False
+    return array

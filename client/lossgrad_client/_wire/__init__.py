@@ -14,6 +14,10 @@ copies:
   array), using only what protobuf requires every parser to accept; with
   ``align=False`` it writes exactly ``SerializeToString(deterministic=True)``.
 
+Messages of up to 64 KiB go through the generated classes instead (:mod:`.small`): at
+that size their copies cost less than walking the fields in Python, so the walk is for
+the large ones, where the copies matter.
+
 Parsing follows protobuf's rules for whatever a conforming encoder may send: fields in
 any order, unknown fields skipped (wire types 0, 1, 2 and 5), a field sent twice (the
 last scalar wins, embedded messages merge), ``shape`` packed or unpacked, overlong

@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf.message import DecodeError, Message
 
 from .._proto.lossgrad.v1 import lossgrad_pb2 as pb
+from . import small
 from .messages import (
     I32,
     I64,
@@ -62,6 +63,10 @@ class _TooManySteps(Exception):
 
 def parse_request(data: Buffer) -> ComputeRequest:
     """Parse a ComputeLossRequest or ComputeGradientRequest; raise WireError if malformed."""
+    if small.fits(data):
+        parsed = small.parse_request(data)
+        if parsed is not None:
+            return parsed
     try:
         values = _Reader(data).message(_REQUEST_FIELDS, "request")
     except _TooManySteps:
@@ -78,6 +83,10 @@ def parse_request(data: Buffer) -> ComputeRequest:
 
 def parse_response(data: Buffer) -> ComputeResponse:
     """Parse a ComputeLossResponse or ComputeGradientResponse; raise WireError if malformed."""
+    if small.fits(data):
+        parsed = small.parse_response(data)
+        if parsed is not None:
+            return parsed
     return ComputeResponse(**_values(data, _RESPONSE_FIELDS, pb.ComputeGradientResponse,
                                      "response"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from . import small
 from .messages import (
     I64,
     ITEMSIZES,
@@ -27,7 +28,13 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
     """Encode a ComputeLossRequest/ComputeGradientRequest; each tensor's bytes are copied
     once. With ``align``, each tensor's data starts at a multiple of its item size from the
     start of the message (see :func:`_put_tensor`); without, the bytes are those of
-    ``SerializeToString(deterministic=True)``."""
+    ``SerializeToString(deterministic=True)``, which is also what a request whose tensors
+    are small gets (:mod:`.small`)."""
+    if small.tensors_fit(request.predictions, request.targets, request.sample_weight,
+                         request.variance):
+        data = small.serialize_request(request)
+        if data is not None:
+            return data
     head = bytearray()
     if request.loss:
         _put_bytes(head, 1, request.loss.encode("utf-8"))
@@ -60,7 +67,12 @@ def serialize_request(request: ComputeRequest, *, align: bool = True) -> bytes:
 def serialize_response(response: ComputeResponse, *, align: bool = True) -> bytes:
     """Encode a ComputeLossResponse/ComputeGradientResponse (the latter when ``gradient``
     or ``hessian`` is set); each tensor's bytes are copied once. ``align`` as in
-    :func:`serialize_request`."""
+    :func:`serialize_request`, which also says what small responses get."""
+    if small.tensors_fit(response.losses, response.gradient, response.hessian,
+                         response.variance_gradient):
+        data = small.serialize_response(response)
+        if data is not None:
+            return data
     head = bytearray()
     _put_double(head, 1, response.loss)
     parts: list[Buffer] = [head]
