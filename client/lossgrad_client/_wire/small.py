@@ -113,8 +113,9 @@ def serialize_response(r: ComputeResponse) -> bytes | None:
 
 
 def _request_message(r: ComputeRequest) -> pb.ComputeGradientRequest:
-    m = pb.ComputeGradientRequest(loss=r.loss, reduction=r.reduction,
-                                  allow_nonfinite=r.allow_nonfinite, hessian=r.hessian)
+    scalars: dict[str, Any] = {"loss": r.loss, "reduction": r.reduction,
+                               "allow_nonfinite": r.allow_nonfinite, "hessian": r.hessian}
+    m = pb.ComputeGradientRequest(**scalars)
     _set_tensor(m, "predictions", r.predictions)
     _set_tensor(m, "targets", r.targets)
     _set_tensor(m, "sample_weight", r.sample_weight)
@@ -142,8 +143,8 @@ def _response_message(r: ComputeResponse) -> pb.ComputeGradientResponse:
     return m
 
 
-def _bytes(data: Buffer) -> bytes | bytearray:
-    return data if not isinstance(data, memoryview) else data.tobytes()
+def _bytes(data: Buffer) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 def _known(message: Any) -> None:
