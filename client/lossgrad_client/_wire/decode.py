@@ -70,9 +70,7 @@ def parse_request(data: Buffer) -> ComputeRequest:
     try:
         values = _Reader(data).message(_REQUEST_FIELDS, "request")
     except _TooManySteps:
-        message = _generated(pb.ComputeGradientRequest, data, "request")
-        return ComputeRequest(**{name: _field(message, name) for name, _ in
-                                 _REQUEST_FIELDS.values()})
+        return small.request_of(_generated(pb.ComputeGradientRequest, data, "request"))
     if "params" in values:  # each occurrence merges into the message parsed so far
         params = pb.LossParams()
         for part in values["params"]:
@@ -87,8 +85,10 @@ def parse_response(data: Buffer) -> ComputeResponse:
         parsed = small.parse_response(data)
         if parsed is not None:
             return parsed
-    return ComputeResponse(**_values(data, _RESPONSE_FIELDS, pb.ComputeGradientResponse,
-                                     "response"))
+    try:
+        return ComputeResponse(**_Reader(data).message(_RESPONSE_FIELDS, "response"))
+    except _TooManySteps:
+        return small.response_of(_generated(pb.ComputeGradientResponse, data, "response"))
 
 
 def parse_stream_request(data: Buffer) -> StreamRequest:
@@ -152,10 +152,9 @@ def _field(message: Any, name: str) -> Any:
     if not message.HasField(name):
         return None
     if isinstance(value, pb.Tensor):
-        return Tensor(value.dtype, tuple(value.shape), value.data,
-                      _field(value, "shared_memory"))
+        return small.tensor_of(value)
     if isinstance(value, pb.SharedMemoryLocation):
-        return SharedMemoryLocation(value.region, value.offset, value.byte_size)
+        return small.location_of(value)
     return value
 
 

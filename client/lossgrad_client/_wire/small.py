@@ -15,7 +15,8 @@ alignment, since the generated parser copies it into a buffer of its own anyway.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -25,6 +26,7 @@ from .messages import Buffer, ComputeRequest, ComputeResponse, SharedMemoryLocat
 
 SMALL_MESSAGE_BYTES = 64 * 1024  # a received message up to this size is parsed here
 _HEADER_BYTES = 1024  # what a small message holds besides its tensors, at most (but params)
+T = TypeVar("T")
 
 
 class _Unknown(Exception):
@@ -50,46 +52,57 @@ def tensors_fit(*tensors: Tensor | None) -> bool:
 
 def parse_request(data: Buffer) -> ComputeRequest | None:
     """A ComputeLossRequest/ComputeGradientRequest, or None (see the module's note)."""
-    try:
-        m = pb.ComputeGradientRequest.FromString(_bytes(data))
-        _known(m)
-        has = m.HasField
-        return ComputeRequest(
-            loss=m.loss,
-            predictions=_tensor(m.predictions) if has("predictions") else None,
-            targets=_tensor(m.targets) if has("targets") else None,
-            sample_weight=_tensor(m.sample_weight) if has("sample_weight") else None,
-            reduction=m.reduction,
-            params=m.params if has("params") else None,
-            allow_nonfinite=m.allow_nonfinite,
-            hessian=m.hessian,
-            hessian_floor=m.hessian_floor if has("hessian_floor") else None,
-            hessian_constant=m.hessian_constant if has("hessian_constant") else None,
-            gradient_output=_location(m.gradient_output) if has("gradient_output") else None,
-            losses_output=_location(m.losses_output) if has("losses_output") else None,
-            variance=_tensor(m.variance) if has("variance") else None,
-        )
-    except (DecodeError, _Unknown):
-        return None
+    return _parsed(pb.ComputeGradientRequest, data, request_of)
 
 
 def parse_response(data: Buffer) -> ComputeResponse | None:
     """A ComputeLossResponse/ComputeGradientResponse, or None (see the module's note)."""
+    return _parsed(pb.ComputeGradientResponse, data, response_of)
+
+
+def request_of(m: pb.ComputeGradientRequest, known: bool = False) -> ComputeRequest:
+    """A parsed request as the codec's dataclass; with ``known``, raise ``_Unknown`` if a
+    tensor or location has fields the generated class does not know."""
+    has = m.HasField
+    return ComputeRequest(
+        loss=m.loss,
+        predictions=tensor_of(m.predictions, known) if has("predictions") else None,
+        targets=tensor_of(m.targets, known) if has("targets") else None,
+        sample_weight=tensor_of(m.sample_weight, known) if has("sample_weight") else None,
+        reduction=m.reduction,
+        params=m.params if has("params") else None,
+        allow_nonfinite=m.allow_nonfinite,
+        hessian=m.hessian,
+        hessian_floor=m.hessian_floor if has("hessian_floor") else None,
+        hessian_constant=m.hessian_constant if has("hessian_constant") else None,
+        gradient_output=(location_of(m.gradient_output, known) if has("gradient_output")
+                         else None),
+        losses_output=location_of(m.losses_output, known) if has("losses_output") else None,
+        variance=tensor_of(m.variance, known) if has("variance") else None,
+    )
+
+
+def response_of(m: pb.ComputeGradientResponse, known: bool = False) -> ComputeResponse:
+    """A parsed response as the codec's dataclass; ``known`` as in :func:`request_of`."""
+    has = m.HasField
+    return ComputeResponse(
+        loss=m.loss,
+        losses=tensor_of(m.losses, known) if has("losses") else None,
+        positions=m.positions,
+        positions_counted=m.positions_counted,
+        weight_sum=m.weight_sum,
+        gradient=tensor_of(m.gradient, known) if has("gradient") else None,
+        hessian=tensor_of(m.hessian, known) if has("hessian") else None,
+        variance_gradient=(tensor_of(m.variance_gradient, known) if has("variance_gradient")
+                           else None),
+    )
+
+
+def _parsed(cls: Any, data: Buffer, convert: Callable[[Any, bool], T]) -> T | None:
     try:
-        m = pb.ComputeGradientResponse.FromString(_bytes(data))
-        _known(m)
-        has = m.HasField
-        return ComputeResponse(
-            loss=m.loss,
-            losses=_tensor(m.losses) if has("losses") else None,
-            positions=m.positions,
-            positions_counted=m.positions_counted,
-            weight_sum=m.weight_sum,
-            gradient=_tensor(m.gradient) if has("gradient") else None,
-            hessian=_tensor(m.hessian) if has("hessian") else None,
-            variance_gradient=(_tensor(m.variance_gradient) if has("variance_gradient")
-                               else None),
-        )
+        message = cls.FromString(_bytes(data))
+        _known(message, True)
+        return convert(message, True)
     except (DecodeError, _Unknown):
         return None
 
@@ -147,19 +160,21 @@ def _bytes(data: Buffer) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)
 
 
-def _known(message: Any) -> None:
-    if len(UnknownFieldSet(message)):
+def _known(message: Any, known: bool) -> None:
+    if known and len(UnknownFieldSet(message)):
         raise _Unknown
 
 
-def _tensor(m: pb.Tensor) -> Tensor:
-    _known(m)
-    location = _location(m.shared_memory) if m.HasField("shared_memory") else None
+def tensor_of(m: pb.Tensor, known: bool = False) -> Tensor:
+    """A parsed Tensor as the codec's dataclass; ``known`` as in :func:`request_of`."""
+    _known(m, known)
+    location = location_of(m.shared_memory, known) if m.HasField("shared_memory") else None
     return Tensor(m.dtype, tuple(m.shape), m.data, location)
 
 
-def _location(m: pb.SharedMemoryLocation) -> SharedMemoryLocation:
-    _known(m)
+def location_of(m: pb.SharedMemoryLocation, known: bool = False) -> SharedMemoryLocation:
+    """A parsed SharedMemoryLocation as the codec's dataclass."""
+    _known(m, known)
     return SharedMemoryLocation(m.region, m.offset, m.byte_size)
 
 
