@@ -170,6 +170,7 @@ def _chunk(rows: int, cols: int = 2, dtype: int = pb.DATA_TYPE_FLOAT32,
 
 MALFORMED = {
     "missing header": ([_chunk(4)], "header", "MISSING_FIELD"),
+    "no messages": ([], "header", "MISSING_FIELD"),
     "second header": ([_header(), _header()], "chunk[0].header", "MALFORMED_STREAM"),
     "shape change": ([_header(), _chunk(2), _chunk(2, cols=3)], "chunk[1].predictions.shape",
                      "SHAPE_MISMATCH"),

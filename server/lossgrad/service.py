@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,7 @@ _KINDS = {kind: pb.InputKind.Value(f"INPUT_KIND_{kind.name}") for kind in catalo
 _PARAM_TYPES = {t: pb.ParamType.Value(f"PARAM_TYPE_{t.name}") for t in catalog.ParamType}
 _HESSIAN_MODES = {m: pb.HessianMode.Value(f"HESSIAN_MODE_{m.name}") for m in catalog.HessianMode}
 DEFAULT_MAX_STREAM_CHUNKS = 1_000_000
+CANCELLATION_WAIT = 0.1  # seconds a short stream waits for gRPC to report a cancellation
 SUPPORTED_DTYPES = ("float32", "float64", "int32", "int64", "float16", "bfloat16")
 _DTYPES = {name: wire.data_type(wire.numpy_dtype(name)) for name in SUPPORTED_DTYPES}
 
@@ -97,7 +98,10 @@ class LossService:
         try:
             messages = _checked(_ahead(requests, "lossgrad-stream-receive"), context)
             first = next(messages, None)
-            if first is None or first.header is None:
+            if first is None:
+                raise stream.StreamEndedError("header", "the stream ended before its header",
+                                              MISSING_FIELD)
+            if first.header is None:
                 raise InvalidArgumentError("header", "the first message must carry the header",
                                            MISSING_FIELD)
             call = stream.StreamCall(first.header, max_elements=self._max_stream_elements,
@@ -105,11 +109,11 @@ class LossService:
             yield call.ready()
             yield from _ahead(call.run(messages), "lossgrad-stream-compute")
         except grpc.RpcError:  # reading the next message failed: the call has ended
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                abort(context, DeadlineExceededError("", "the deadline passed during the "
-                                                     "stream"), "ComputeStream")
-            context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+            _abort_ended(context)
+        except stream.StreamEndedError as err:
+            if _terminated(context, CANCELLATION_WAIT):
+                _abort_ended(context)
+            abort(context, err, "ComputeStream")
         except Exception as err:
             abort(context, err, "ComputeStream")
 
@@ -158,6 +162,27 @@ class LossService:
         if self._shared_memory is None:
             raise shm.disabled("")
         return self._shared_memory
+
+
+def _terminated(context: grpc.ServicerContext, wait: float) -> bool:
+    """Whether the call ends within ``wait`` seconds without a status from the handler:
+    cancelled by the client, or past its deadline. gRPC may end a cancelled call's
+    messages before it reports the cancellation, so a short stream waits that long."""
+    ended = threading.Event()
+    if context.add_callback(ended.set):
+        ended.wait(wait)
+    return not context.is_active()
+
+
+def _abort_ended(context: grpc.ServicerContext) -> NoReturn:
+    """End a call that gRPC has ended: DEADLINE_EXCEEDED if its deadline passed, else
+    CANCELLED (the status only reaches the metrics and the access log)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        abort(context, DeadlineExceededError("", "the deadline passed during the stream"),
+              "ComputeStream")
+    context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+    raise AssertionError("unreachable")  # context.abort raises
 
 
 def _checked(messages: Iterator[StreamRequest | WireError],

@@ -51,6 +51,11 @@ _NO_IGNORE = np.iinfo(np.int64).min
 _TENSORS = ("predictions", "targets", "sample_weight")
 
 
+class StreamEndedError(InvalidArgumentError):
+    """The client's messages ended before the rows its header declared. A stream the
+    client cancelled looks the same to the handler until gRPC reports the cancellation."""
+
+
 @dataclass(frozen=True)
 class Declared:
     """A tensor the header declares: its dtype and full shape."""
@@ -224,7 +229,7 @@ class StreamCall:
         field = f"chunk[{self.chunks}]"
         if message is None:
             what = "weight pass" if weights_only else "data pass"
-            raise InvalidArgumentError(
+            raise StreamEndedError(
                 field, f"the stream ended after {done} of {self.rows} rows of the {what}",
                 MALFORMED_STREAM)
         self.chunks += 1
