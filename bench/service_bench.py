@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import threading
 import time
@@ -28,7 +29,14 @@ from echo_server import METHOD as ECHO_METHOD
 from lossgrad_client import LossClient
 from lossgrad_client._stream import DEFAULT_STREAM_THRESHOLD_BYTES
 from measure import Timing, fmt_ms, fmt_ratio, repeat, table
-from servers import MAX_MESSAGE_BYTES, ServerProcess, echo_command, lossgrad_command, max_workers
+from servers import (
+    MAX_MESSAGE_BYTES,
+    ServerProcess,
+    echo_command,
+    lossgrad_command,
+    max_workers,
+    process_cpu_seconds,
+)
 
 CALL_TIMEOUT_S = 120.0
 SEQUENTIAL_CALLS = 3  # memory burst: calls one after the other,
@@ -133,63 +141,151 @@ def _together(calls: list[Callable[[], object]]) -> float:
     return elapsed
 
 
+class _Worker:
+    """A training worker of its own: a spawned child process with its own client and
+    inputs, which makes one ``compute_gradient`` per :meth:`call`. Two of them call the
+    server as two workers on one host do, without sharing a GIL."""
+
+    def __init__(self, address: str, case: Case) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._go: Any = context.Queue()
+        self._done: Any = context.Queue()
+        self._process = context.Process(target=_worker_main, daemon=True,
+                                        args=(address, case, self._go, self._done))
+
+    def __enter__(self) -> _Worker:
+        self._process.start()
+        self._wait()  # its inputs are built and its first call is made
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._go.put(None)
+        self._process.join(CALL_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None
+        return self._process.pid
+
+    def call(self) -> None:
+        self._go.put(True)
+        self._wait()
+
+    def _wait(self) -> None:
+        error = self._done.get(timeout=CALL_TIMEOUT_S)
+        if error:
+            raise RuntimeError(f"worker process failed: {error}")
+
+
+def _worker_main(address: str, case: Case, go: Any, done: Any) -> None:
+    try:
+        x, y = inputs(case)
+        with _client(address) as client:
+            _call(client, case, x, y)
+            done.put("")
+            while go.get():
+                _call(client, case, x, y)
+                done.put("")
+    except Exception as err:  # reported to the parent, which raises it
+        done.put(repr(err))
+
+
 def _sequential_and_concurrent(call_a: Callable[[], object], call_b: Callable[[], object],
-                               rounds: tuple[int, int], budget_s: float
-                               ) -> tuple[Timing, Timing, Timing]:
+                               cpu: Callable[[], float], rounds: tuple[int, int],
+                               budget_s: float
+                               ) -> tuple[Timing, Timing, Timing, tuple[float, float, float]]:
     """Wall times of (one call, a then b, a and b on two threads started together), over
-    at least ``rounds[0]`` and at most ``rounds[1]`` rounds, stopping after ``budget_s``."""
+    at least ``rounds[0]`` and at most ``rounds[1]`` rounds, stopping after ``budget_s``;
+    and, of the processes involved (``cpu()``: the CPU seconds they have used so far), the
+    mean CPU seconds per call (one at a time, two at once) and the cores busy while the
+    calls ran one at a time."""
     call_a()
     call_b()
     one: list[float] = []
     sequential: list[float] = []
     concurrent: list[float] = []
+    cpu_sequential = cpu_concurrent = 0.0
     started = time.perf_counter()
     while len(sequential) < rounds[1] and (
             len(sequential) < rounds[0] or time.perf_counter() - started < budget_s):
+        cpu_before = cpu()
         start = time.perf_counter()
         call_a()
         middle = time.perf_counter()
         call_b()
         end = time.perf_counter()
+        cpu_middle = cpu()
         one += [middle - start, end - middle]
         sequential.append(end - start)
         concurrent.append(_together([call_a, call_b]))
-    return Timing(tuple(one)), Timing(tuple(sequential)), Timing(tuple(concurrent))
+        cpu_sequential += cpu_middle - cpu_before
+        cpu_concurrent += cpu() - cpu_middle
+    calls = 2 * len(sequential)
+    return (Timing(tuple(one)), Timing(tuple(sequential)), Timing(tuple(concurrent)),
+            (cpu_sequential / calls, cpu_concurrent / calls, cpu_sequential / sum(sequential)))
+
+
+def _cpu_of(pids: list[int]) -> Callable[[], float]:
+    """CPU seconds used so far by this process and ``pids``."""
+    return lambda: time.process_time() + sum(process_cpu_seconds(pid) for pid in pids)
 
 
 def concurrency(quick: bool, untuned: bool) -> tuple[str, list[str]]:
     cases = [sparse_ce(512, 32000), mse(4_000_000)] if quick else [
         sparse_ce(2048, 32000), mse(16_000_000)]
     rounds, budget_s = ((2, 5), 3.0) if quick else ((2, 7), 12.0)
+    cores = len(os.sched_getaffinity(0))
     rows = []
     with ServerProcess(lossgrad_command(max_workers(), untuned)) as server, \
             _client(server.address) as client_a, _client(server.address) as client_b:
         for case in cases:
             x, y = inputs(case)
             label = f"{case.loss} {case.size_label}"
-            runs = [
-                ("in-process, 2 Python threads",
-                 lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b, **c.params),
-                 lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b, **c.params)),
-                ("through the server, 2 client threads",
-                 lambda c=case, a=x, b=y: _call(client_a, c, a, b),
-                 lambda c=case, a=x, b=y: _call(client_b, c, a, b)),
-            ]
-            for mode, call_a, call_b in runs:
-                one, seq, conc = _sequential_and_concurrent(call_a, call_b, rounds, budget_s)
-                print(f"  concurrency {label} {mode}: 2 sequential {seq.ms():.1f} ms, "
-                      f"2 concurrent {conc.ms():.1f} ms", flush=True)
-                rows.append([label, f"{request_bytes(x, y) / MB:.0f}", mode,
-                             fmt_ms(one.ms()), fmt_ms(seq.ms()), fmt_ms(conc.ms()),
-                             fmt_ratio(conc.ms() / seq.ms()), str(seq.n)])
+            with _Worker(server.address, case) as worker_a, \
+                    _Worker(server.address, case) as worker_b:
+                runs = [
+                    ("in-process, 2 Python threads",
+                     lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b, **c.params),
+                     lambda c=case, a=x, b=y: lossgrad.compute(c.loss, a, b, **c.params),
+                     _cpu_of([])),
+                    ("through the server, 2 client threads",
+                     lambda c=case, a=x, b=y: _call(client_a, c, a, b),
+                     lambda c=case, a=x, b=y: _call(client_b, c, a, b),
+                     _cpu_of([server.pid])),
+                    ("through the server, 2 client processes",
+                     worker_a.call, worker_b.call,
+                     _cpu_of([server.pid, worker_a.pid, worker_b.pid])),
+                ]
+                for mode, call_a, call_b, cpu in runs:
+                    one, seq, conc, (cpu_alone, cpu_together, busy) = _sequential_and_concurrent(
+                        call_a, call_b, cpu, rounds, budget_s)
+                    print(f"  concurrency {label} {mode}: 2 sequential {seq.ms():.1f} ms, "
+                          f"2 concurrent {conc.ms():.1f} ms, CPU per call "
+                          f"{cpu_alone * 1e3:.1f} / {cpu_together * 1e3:.1f} ms", flush=True)
+                    rows.append([label, f"{request_bytes(x, y) / MB:.0f}", mode,
+                                 fmt_ms(one.ms()), fmt_ms(seq.ms()), fmt_ms(conc.ms()),
+                                 fmt_ratio(conc.ms() / seq.ms()),
+                                 f"{fmt_ms(cpu_alone * 1e3)} / {fmt_ms(cpu_together * 1e3)}",
+                                 f"{busy:.2f}", str(seq.n)])
     header = ["request", "request MB", "callers", "one call ms", "2 sequential ms",
-              "2 concurrent ms", "concurrent / sequential", "rounds"]
+              "2 concurrent ms", "concurrent / sequential",
+              "CPU ms per call, alone / two at once", "cores busy, one call alone", "rounds"]
     note = ("Medians over rounds (at least 2, more while a time budget lasts) after one "
             "untimed call of each; each round runs the two calls one after the other, then "
             "on two threads released together (wall time until both return). "
             f"Server: `lossgrad serve --max-workers {max_workers()}`; the two clients "
-            "have separate channels; requests over 32 MiB go by ComputeStream, the client's "
-            "default.\n\n")
+            "have separate channels (*client threads*: two clients in this process; *client "
+            "processes*: one client in each of two spawned processes, as two training "
+            "workers); requests over 32 MiB go by ComputeStream, the client's default.\n\n"
+            "*CPU per call*: the CPU time of every process involved (this one, the server, "
+            "the client processes), per call, while the calls ran one at a time and while "
+            "two ran at once; *cores busy*: that CPU time over the wall time of the calls made "
+            "one at a time. The "
+            f"clients share this machine's {cores} cores with the server, so two calls at "
+            "once can gain over two in a row only as far as a lone call leaves cores idle "
+            "and their CPU time stays the same.\n\n")
     return note + table(header, rows), []
 
 
