@@ -239,8 +239,10 @@ METHOD = """\
 Each cell is median / p90 over repeated calls in one warm process: each function is
 called once untimed, then at least {min_reps} and at most {max_reps} timed calls, or until
 {seconds:g} s of calls; the implementations of a row take turns in five rounds, so a burst
-of load from other processes affects them alike. Inputs are seeded (`bench/cases.py`); the
-reduction is `mean`.
+of load from other processes affects them alike. Each turn starts with 15 ms of untimed
+calls: PyTorch's OpenMP threads spin-wait about 10 ms after each call, and timed in that
+window lossgrad's parallel kernels lose a core to them (MSE 1e5: 26 µs → 40 µs). Inputs
+are seeded (`bench/cases.py`); the reduction is `mean`.
 
 - **lossgrad**: `lossgrad.compute(loss, predictions, targets, **params)`, which allocates
   a fresh gradient per call.

@@ -52,15 +52,23 @@ def repeat(fn: Callable[[], object], *, budget_s: float, min_reps: int, max_reps
     return Timing(tuple(samples))
 
 
+TURN_WARM_S = 0.015  # untimed calls that start each turn: > the ~10 ms below
+
+
 def interleaved(fns: dict[str, Callable[[], object]], *, budget_s: float, min_reps: int,
                 max_reps: int, rounds: int = 5) -> dict[str, Timing]:
     """Like ``repeat`` for several functions at once, taking turns: each round gives each
-    function about ``budget_s / rounds`` seconds of calls (at least one), so a burst of
-    load from other processes hits every function alike rather than the one being timed."""
+    function about ``budget_s / rounds`` seconds and at most ``max_reps / rounds`` calls
+    (at least one), so a burst of load from other processes hits every function alike
+    rather than the one being timed. Each turn starts with ``TURN_WARM_S`` of untimed
+    calls (at least one), so that no function is timed in the ~10 ms after the one before
+    it, which can still hold the cores (libgomp's threads, which PyTorch uses, spin that
+    long after each parallel call here), nor before its own threads are awake again."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
+    per_turn = max(1, -(-max_reps // rounds))
 
     def done(name: str) -> bool:
         n = len(samples[name])
@@ -68,9 +76,16 @@ def interleaved(fns: dict[str, Callable[[], object]], *, budget_s: float, min_re
 
     while not all(done(name) for name in fns):
         for name, fn in fns.items():
+            if done(name):
+                continue
+            warm_until = time.perf_counter() + TURN_WARM_S
+            fn()
+            while time.perf_counter() < warm_until:
+                fn()
             this_round = 0.0
             calls = 0
-            while not done(name) and (calls == 0 or this_round < budget_s / rounds):
+            while not done(name) and calls < per_turn and (
+                    calls == 0 or this_round < budget_s / rounds):
                 start = time.perf_counter()
                 fn()
                 elapsed = time.perf_counter() - start
