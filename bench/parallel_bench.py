@@ -53,15 +53,15 @@ def _digest(loss: float, grad: np.ndarray) -> tuple[str, str]:
 @contextlib.contextmanager
 def forced_path(parallel: bool) -> Iterator[None]:
     """Make the engine pick the serial or the parallel driver path whatever the size, by
-    swapping ``engine._parallel`` (the one place ``compute`` decides) for the duration."""
-    from lossgrad import engine
+    swapping ``runners._parallel`` (the one place ``compute`` decides) for the duration."""
+    from lossgrad import runners
 
-    chosen = engine._parallel
-    engine._parallel = lambda batch: parallel
+    chosen = runners._parallel
+    runners._parallel = lambda batch: parallel
     try:
         yield
     finally:
-        engine._parallel = chosen
+        runners._parallel = chosen
 
 
 def _compute_timed(case: Case, quick: bool) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def run(quick: bool) -> tuple[str, list[str]]:
         " (two children of each, alternating; per row the faster one's times)")
     method = (
         "Median / p90 ms of `lossgrad.compute` with its gradient. *serial / parallel path*: "
-        "this process with `engine._parallel` (which picks the drivers' `parallel` "
+        "this process with `runners._parallel` (which picks the drivers' `parallel` "
         "argument) swapped to return False / True (numba threading layer "
         f"`{numba.threading_layer()}`, {numba.get_num_threads()} threads). "
         "*compute*: `lossgrad.compute` in a child process with `NUMBA_NUM_THREADS=1` and "
