@@ -16,7 +16,8 @@ from . import catalog, plugin
 from .catalog import HessianMode, Layout, LossSpec
 from .errors import SHARED_MEMORY_MISALIGNED, SHARED_MEMORY_OUT_OF_RANGE, InvalidArgumentError
 from .kernels import _numerics as nm
-from .request import FLOAT_DTYPES, Batch, Reduction, hessian_request, prepare
+from .params import hessian_request
+from .request import FLOAT_DTYPES, Batch, Reduction, prepare
 from .runners import RUNNERS, Result, register_runner, run_elementwise_kernel, run_hessian_kernel
 
 __all__ = ["HessianMode", "Reduction", "Result", "compute", "register_runner", "run",

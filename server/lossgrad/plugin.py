@@ -57,7 +57,7 @@ from .catalog import (
 from .kernels._numerics import fconst
 from .kernels.elementary import exp, log, log1p, sigmoid, softplus
 from .kernels.plugin import python_function
-from .request import coerce_param
+from .params import coerce_param
 
 __all__ = ["GROUP", "Input", "Loss", "Param", "PluginError", "PluginReport", "exp", "fconst",
            "load", "log", "log1p", "sigmoid", "softplus"]

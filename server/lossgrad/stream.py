@@ -26,7 +26,7 @@ import numpy as np
 from lossgrad_client import _wire
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
-from . import catalog, engine, request, wire
+from . import catalog, engine, params, request, wire
 from .catalog import Layout
 from .errors import (
     EMPTY_BATCH,
@@ -94,7 +94,7 @@ class StreamCall:
                  max_chunks: int) -> None:
         self.max_chunks = max_chunks
         self.spec = catalog.lookup(header.loss)
-        self.params = request.resolve_params(self.spec, header.loss,
+        self.params = params.resolve_params(self.spec, header.loss,
                                              wire.decode_params(header.params))
         self.reduction = wire.decode_reduction(header.reduction)
         self.want_grad = header.gradient
