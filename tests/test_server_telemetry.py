@@ -207,32 +207,41 @@ def test_a_stream_is_one_observed_call(served: tuple[LossServer, str],
     assert lines[0]["elements"] == 40 and len(lines[0]["request_id"]) == 32
 
 
+CANCELLED_STREAMS = 20  # gRPC may end a cancelled call's messages before it says why
+
+
 @pytest.mark.e2e
 def test_a_cancelled_stream_is_counted_as_cancelled(
         served: tuple[LossServer, str], caplog: pytest.LogCaptureFixture) -> None:
     """A client that cancels a stream after the header is no server error: CANCELLED in
-    the metrics and the access line, nothing logged as a failure of the server."""
+    the metrics and the access line, nothing logged as a failure of the server. Several
+    times: the server may see the stream's messages end before gRPC reports the
+    cancellation, which must not make it a stream that ended early (INVALID_ARGUMENT)."""
     server, address = served
     header = pb.ComputeStreamHeader(
         loss="mse", gradient=True,
         predictions=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[100, 10]),
         targets=pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[100, 10]))
-    release = threading.Event()
-
-    def requests() -> Iterator[pb.ComputeStreamRequest]:
-        yield pb.ComputeStreamRequest(header=header)
-        release.wait(30)
 
     with caplog.at_level(logging.INFO), grpc.insecure_channel(address) as channel:
-        call = pb_grpc.LossServiceStub(channel).ComputeStream(requests(), timeout=30)
-        assert next(call).ready.block_rows > 0
-        call.cancel()
-        release.set()
-        for _ in range(300):  # the server notices on its own threads
-            if server.telemetry.loss_counts():
-                break
-            time.sleep(0.01)
-    assert server.telemetry.loss_counts() == {"mse": (1, 1)}
+        stub = pb_grpc.LossServiceStub(channel)
+        for n in range(1, CANCELLED_STREAMS + 1):
+            release = threading.Event()
+
+            def requests(release: threading.Event = release
+                         ) -> Iterator[pb.ComputeStreamRequest]:
+                yield pb.ComputeStreamRequest(header=header)
+                release.wait(30)
+
+            call = stub.ComputeStream(requests(), timeout=30)
+            assert next(call).ready.block_rows > 0
+            call.cancel()
+            release.set()
+            for _ in range(300):  # the server notices on its own threads
+                if server.telemetry.loss_counts().get("mse", (0, 0))[0] >= n:
+                    break
+                time.sleep(0.01)
+    assert server.telemetry.loss_counts() == {"mse": (CANCELLED_STREAMS, CANCELLED_STREAMS)}
     access = [r for r in caplog.records if r.name == "lossgrad.access"]
-    assert [r.fields["code"] for r in access] == ["CANCELLED"]  # type: ignore[attr-defined]
+    assert [r.fields["code"] for r in access] == ["CANCELLED"] * CANCELLED_STREAMS  # type: ignore[attr-defined]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
