@@ -6,6 +6,7 @@
 """
 
 from ._aio import AsyncLossClient
+from ._allocator import tune_allocator
 from ._client import LossClient
 from ._shm import SharedMemoryOptions
 from ._types import (
@@ -53,4 +54,5 @@ __all__ = [
     "SharedMemoryOptions",
     "UnauthenticatedError",
     "UnavailableError",
+    "tune_allocator",
 ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -21,6 +19,7 @@ import grpc_reflection.v1alpha.reflection as grpc_reflection
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import HealthServicer
+from lossgrad_client import tune_allocator as client_tune_allocator
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from prometheus_client import start_http_server
 
@@ -56,34 +55,15 @@ _log = logging.getLogger("lossgrad.server")
 # glibc's arena per thread, what one thread frees the other does not reuse, and the peak
 # grows by about a request per thread (measured at 32 MB requests: peak - start 5-6x the
 # request with one arena per thread, 3-4x with one arena shared by all).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-_KEEP_FREED_BYTES = 1 << 30
 _ARENAS = 1
 
 
 def tune_allocator() -> bool:
     """Make glibc malloc reuse freed large blocks (up to 1 GiB) instead of unmapping them,
-    in one arena shared by every thread started after the call.
-
-    Environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (and
-    MALLOC_ARENA_MAX for the arenas) take precedence. Returns False where there is no glibc.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    tuned = True
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        tuned = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED_BYTES)
-                     and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        tuned = bool(mallopt(_M_ARENA_MAX, _ARENAS)) and tuned
-    return tuned
+    in one arena shared by every thread started after the call (see
+    :func:`lossgrad_client.tune_allocator`; the MALLOC_* environment variables take
+    precedence). Returns False where there is no glibc."""
+    return client_tune_allocator(arenas=_ARENAS)
 
 
 @dataclass(frozen=True)
