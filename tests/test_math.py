@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from lossgrad.kernels._numerics import fexp_nonpositive, flog, flog1p_unit
+from lossgrad.kernels._numerics import fexp_nonpositive, flog, flog1p_unit, fma
 
 RNG = np.random.default_rng(3)
 
@@ -79,3 +79,21 @@ def test_log1p_on_the_unit_interval(dtype: type) -> None:
     ends = _run(_apply_log1p, np.array([0.0, 1.0], dtype=dtype))
     assert ends[0] == 0.0
     assert ends[1] == pytest.approx(np.log(2.0), rel=2 * float(np.finfo(dtype).eps))
+
+
+@numba.njit
+def _fma_of(a, b, c):  # type: ignore[no-untyped-def]
+    return fma(a, b, c), a * b + c
+
+
+@pytest.mark.parametrize(("dtype", "bits"), [(np.float32, 24), (np.float64, 53)])
+def test_fma_rounds_once(dtype: type, bits: int) -> None:
+    """(1 + u)^2 - (1 + 2u) with u^2 below half an ulp of 1: a separate multiply rounds u^2
+    away, the fused one keeps it. The polynomials' Horner steps are these fused steps, so
+    their bits do not depend on how the compiler would have contracted them."""
+    u = dtype(2.0 ** -(bits // 2 + 1))
+    one = dtype(1.0)
+    fused, separate = _fma_of(one + u, one + u, -(one + dtype(2.0) * u))
+    assert fused == u * u
+    assert separate == dtype(0.0)
+
