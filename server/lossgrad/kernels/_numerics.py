@@ -263,6 +263,18 @@ _LOG1P_P32 = (0.3333332859579442, -0.25000296545330847, 0.20001468660251007,
               0.1271231885008641, -0.08101579745219883)
 
 
+def _log1p_poly32(f):  # type: ignore[no-untyped-def]
+    """P(f) of ``_LOG1P_P32`` by Horner's rule, in fused steps."""
+    c = _LOG1P_P32
+    p = fma(f, np.float32(c[7]), np.float32(c[6]))
+    for k in range(5, -1, -1):
+        p = fma(f, p, np.float32(c[k]))
+    return p
+
+
+_log1p_p32 = numba.njit(error_model="numpy")(_log1p_poly32)
+
+
 def _log32(x):  # type: ignore[no-untyped-def]
     tiny = x < np.float32(1.17549435e-38)
     xs = x * np.float32(16777216.0) if tiny else x  # 2^24 lifts subnormals
@@ -273,14 +285,7 @@ def _log32(x):  # type: ignore[no-untyped-def]
     m = m * np.float32(0.5) if big else m
     e = e + 1 if big else e
     f = m - np.float32(1.0)
-    c = _LOG1P_P32
-    p = fma(f, np.float32(c[7]), np.float32(c[6]))
-    p = fma(f, p, np.float32(c[5]))
-    p = fma(f, p, np.float32(c[4]))
-    p = fma(f, p, np.float32(c[3]))
-    p = fma(f, p, np.float32(c[2]))
-    p = fma(f, p, np.float32(c[1]))
-    p = fma(f, p, np.float32(c[0]))
+    p = _log1p_p32(f)
     ef = np.float32(e)
     ff = f * f
     res = ef * np.float32(_LN2_HI_32) + ((f - np.float32(0.5) * ff + ff * f * p)
@@ -323,14 +328,7 @@ def _log1p_unit32(u):  # type: ignore[no-untyped-def]
     # the polynomial's range, so there is no division and no bit manipulation.
     big = u > np.float32(_SQRT2 - 1.0)
     f = (u - np.float32(1.0)) * np.float32(0.5) if big else u
-    c = _LOG1P_P32
-    p = fma(f, np.float32(c[7]), np.float32(c[6]))
-    p = fma(f, p, np.float32(c[5]))
-    p = fma(f, p, np.float32(c[4]))
-    p = fma(f, p, np.float32(c[3]))
-    p = fma(f, p, np.float32(c[2]))
-    p = fma(f, p, np.float32(c[1]))
-    p = fma(f, p, np.float32(c[0]))
+    p = _log1p_p32(f)
     ff = f * f
     res = f - np.float32(0.5) * ff + ff * f * p
     return res + np.float32(_LN2_HI_32 + _LN2_LO_32) if big else res
