@@ -196,6 +196,12 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, t.user + t.system + t.children_user + t.children_system
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.1) -> float:
     """Wait until other processes use less than ``threshold`` of one core over a window
     (a third of ``max_wait_s``, within [0.2, 1] s), at most about ``max_wait_s`` seconds;

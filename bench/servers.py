@@ -58,12 +58,6 @@ def echo_command(workers: int) -> list[str]:
             "--max-workers", str(workers), "--max-message-bytes", str(MAX_MESSAGE_BYTES)]
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), from ``/proc``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class ServerProcess:
     """``with ServerProcess(cmd) as server:`` gives ``server.address`` and ``server.pid``."""
 
@@ -117,10 +111,6 @@ class ServerProcess:
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")[-chars:]
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server has used so far."""
-        return process_cpu_seconds(self.pid)
 
     def status(self, key: str) -> int:
         """A ``/proc/PID/status`` memory field (``VmHWM``, ``VmRSS``) in bytes."""

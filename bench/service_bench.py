@@ -28,15 +28,8 @@ from cases import Case, inputs, mse, request_bytes, sparse_ce
 from echo_server import METHOD as ECHO_METHOD
 from lossgrad_client import LossClient
 from lossgrad_client._stream import DEFAULT_STREAM_THRESHOLD_BYTES
-from measure import Timing, fmt_ms, fmt_ratio, repeat, table
-from servers import (
-    MAX_MESSAGE_BYTES,
-    ServerProcess,
-    echo_command,
-    lossgrad_command,
-    max_workers,
-    process_cpu_seconds,
-)
+from measure import Timing, fmt_ms, fmt_ratio, process_cpu_seconds, repeat, table
+from servers import MAX_MESSAGE_BYTES, ServerProcess, echo_command, lossgrad_command, max_workers
 
 CALL_TIMEOUT_S = 120.0
 SEQUENTIAL_CALLS = 3  # memory burst: calls one after the other,

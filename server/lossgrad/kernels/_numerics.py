@@ -180,12 +180,22 @@ _LOG2E = 1.4426950408889634
 _SQRT2 = 1.4142135623730951
 
 
-# The Taylor coefficients of e^r below r^12 and of atanh's series (1/(2k+1)) below z^9,
-# highest first, for the Horner steps.
-_EXP_TAYLOR_64 = (1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880, 1.0 / 40320, 1.0 / 5040,
-                  1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 1.0 / 2, 1.0, 1.0)
-_ATANH_SERIES_64 = (1.0 / 17, 1.0 / 15, 1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5,
-                    1.0 / 3, 1.0)
+# Polynomial coefficients, highest power first, for ``_horner``: e^r's Taylor series to
+# r^13 (float64; float32 takes the terms to r^7) and atanh's series sum z^k / (2k + 1).
+_EXP_TAYLOR_64 = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
+_EXP_TAYLOR_32 = _EXP_TAYLOR_64[-8:]
+_ATANH_SERIES_64 = tuple(1.0 / (2 * k + 1) for k in range(10, -1, -1))
+
+
+def _horner_steps(x, coeffs):  # type: ignore[no-untyped-def]
+    """sum_k coeffs[k] x^(n-1-k) in the float type of x, one fused multiply-add a step."""
+    p = fconst(x, coeffs[0])
+    for k in range(1, len(coeffs)):
+        p = fma(x, p, fconst(x, coeffs[k]))
+    return p
+
+
+_horner = numba.njit(error_model="numpy")(_horner_steps)
 _ROUND_64 = 6755399441055744.0  # 1.5 * 2^52: x + this - this rounds x to an integer
 _ROUND_32 = 12582912.0  # 1.5 * 2^23
 
@@ -194,24 +204,14 @@ def _exp64_reduced(xc):  # type: ignore[no-untyped-def]
     """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (Taylor to r^13: < 1 ulp)."""
     kf = (xc * _LOG2E + _ROUND_64) - _ROUND_64
     r = xc - kf * _LN2_HI_64 - kf * _LN2_LO_64
-    p = fma(r, 1.0 / 6227020800, 1.0 / 479001600)
-    for c in _EXP_TAYLOR_64:
-        p = fma(r, p, c)
-    return p, kf
+    return _horner(r, _EXP_TAYLOR_64), kf
 
 
 def _exp32_reduced(xc):  # type: ignore[no-untyped-def]
     """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (Taylor to r^7: < 1 ulp)."""
     kf = (xc * np.float32(_LOG2E) + np.float32(_ROUND_32)) - np.float32(_ROUND_32)
     r = xc - kf * np.float32(_LN2_HI_32) - kf * np.float32(_LN2_LO_32)
-    p = fma(r, np.float32(1.0 / 5040), np.float32(1.0 / 720))
-    p = fma(r, p, np.float32(1.0 / 120))
-    p = fma(r, p, np.float32(1.0 / 24))
-    p = fma(r, p, np.float32(1.0 / 6))
-    p = fma(r, p, np.float32(0.5))
-    p = fma(r, p, np.float32(1.0))
-    p = fma(r, p, np.float32(1.0))
-    return p, kf
+    return _horner(r, _EXP_TAYLOR_32), kf
 
 
 _exp64_red = numba.njit(error_model="numpy")(_exp64_reduced)
@@ -245,9 +245,7 @@ def _log64(x):  # type: ignore[no-untyped-def]
     e = e + 1 if big else e
     s = (m - 1.0) / (m + 1.0)
     z = s * s
-    p = fma(z, 1.0 / 21, 1.0 / 19)
-    for c in _ATANH_SERIES_64:
-        p = fma(z, p, c)
+    p = _horner(z, _ATANH_SERIES_64)
     ef = np.float64(e)
     res = ef * _LN2_HI_64 + (2.0 * s * p + ef * _LN2_LO_64)
     res = -math.inf if x == 0.0 else res
@@ -261,18 +259,7 @@ def _log64(x):  # type: ignore[no-untyped-def]
 _LOG1P_P32 = (0.3333332859579442, -0.25000296545330847, 0.20001468660251007,
               -0.166422476932768, 0.1420217203095301, -0.12972236173615023,
               0.1271231885008641, -0.08101579745219883)
-
-
-def _log1p_poly32(f):  # type: ignore[no-untyped-def]
-    """P(f) of ``_LOG1P_P32`` by Horner's rule, in fused steps."""
-    c = _LOG1P_P32
-    p = fma(f, np.float32(c[7]), np.float32(c[6]))
-    for k in range(5, -1, -1):
-        p = fma(f, p, np.float32(c[k]))
-    return p
-
-
-_log1p_p32 = numba.njit(error_model="numpy")(_log1p_poly32)
+_LOG1P_P32_HORNER = _LOG1P_P32[::-1]  # highest power first
 
 
 def _log32(x):  # type: ignore[no-untyped-def]
@@ -285,7 +272,7 @@ def _log32(x):  # type: ignore[no-untyped-def]
     m = m * np.float32(0.5) if big else m
     e = e + 1 if big else e
     f = m - np.float32(1.0)
-    p = _log1p_p32(f)
+    p = _horner(f, _LOG1P_P32_HORNER)
     ef = np.float32(e)
     ff = f * f
     res = ef * np.float32(_LN2_HI_32) + ((f - np.float32(0.5) * ff + ff * f * p)
@@ -328,7 +315,7 @@ def _log1p_unit32(u):  # type: ignore[no-untyped-def]
     # the polynomial's range, so there is no division and no bit manipulation.
     big = u > np.float32(_SQRT2 - 1.0)
     f = (u - np.float32(1.0)) * np.float32(0.5) if big else u
-    p = _log1p_p32(f)
+    p = _horner(f, _LOG1P_P32_HORNER)
     ff = f * f
     res = f - np.float32(0.5) * ff + ff * f * p
     return res + np.float32(_LN2_HI_32 + _LN2_LO_32) if big else res
