@@ -89,6 +89,17 @@ def _combine(sums, start):  # type: ignore[no-untyped-def]
     return total
 
 
+TASKS = 64  # parallel tasks at most: numba splits a prange evenly between its threads
+
+
+@numba.njit(nogil=True)
+def _tasks(blocks):  # type: ignore[no-untyped-def]
+    """Parallel tasks for ``blocks`` blocks, each a run of consecutive blocks that
+    allocates its scratch once. Each block's sum is kept apart, so the bits do not depend
+    on the split."""
+    return max(1, min(blocks, TASKS))
+
+
 # --- elementwise ---------------------------------------------------------------------
 
 @loop
@@ -183,12 +194,10 @@ def elementwise(x, y, w, out, grad, scale, op, a, b, strict, parallel, start):  
 # --- rows against rows (dense targets) -------------------------------------------------
 
 @loop
-def _dense_loop(row, x, t, w, out, grad, scale, a, strict, want_grad):  # type: ignore[no-untyped-def]
-    c = x.shape[1]
+def _dense_loop(row, x, t, w, out, grad, scale, a, strict, want_grad, e, h):  # type: ignore[no-untyped-def]
+    """Rows of one block; ``e`` and ``h`` are the scratch rows (see ``classification``)."""
     has_w = w.size > 0
     want_out = out.size > 0
-    e = np.empty(c, dtype=x.dtype)
-    h = np.empty(c)
     acc = 0.0
     for i in range(x.shape[0]):
         wi = w[i] if has_w else 1.0
@@ -201,7 +210,7 @@ def _dense_loop(row, x, t, w, out, grad, scale, a, strict, want_grad):  # type: 
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad):  # type: ignore[no-untyped-def]
+def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad, e, h):  # type: ignore[no-untyped-def]
     per = max(1, BLOCK // x.shape[1])
     lo = blk * per
     hi = min(lo + per, x.shape[0])
@@ -210,20 +219,30 @@ def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad):  # t
     ob = out[lo:hi] if out.size else out
     gb = grad[lo:hi] if want_grad else grad
     if op == CCE_LOGITS:
-        return _dense_loop(cce_logits_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+        return _dense_loop(cce_logits_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
     if op == CCE_PROBS:
-        return _dense_loop(cce_probs_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+        return _dense_loop(cce_probs_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
     if op == KL_PROBS:
-        return _dense_loop(kl_probs_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+        return _dense_loop(kl_probs_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
     if op == KL_LOG:
-        return _dense_loop(kl_log_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+        return _dense_loop(kl_log_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
     if op == CATEGORICAL_HINGE:
         return _dense_loop(categorical_hinge_row, xb, tb, wb, ob, gb, scale, a, strict,
-                           want_grad)
+                           want_grad, e, h)
     if op == COSINE_SIMILARITY:
         return _dense_loop(cosine_similarity_row, xb, tb, wb, ob, gb, scale, a, strict,
-                           want_grad)
-    return _dense_loop(softmax_focal_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad)
+                           want_grad, e, h)
+    return _dense_loop(softmax_focal_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _dense_blocks(first, last, sums, op, x, t, w, out, grad, scale, a, strict,  # type: ignore[no-untyped-def]
+                  want_grad):
+    """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
+    e = np.empty(x.shape[1], dtype=x.dtype)
+    h = np.empty(x.shape[1])
+    for blk in range(first, last):
+        sums[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad, e, h)
 
 
 @kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), f8, i8, f8, b1, b1, b1,
@@ -234,11 +253,12 @@ def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel, st
     nb = (x.shape[0] + per - 1) // per
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _dense_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, op, x, t, w, out,
+                          grad, scale, a, strict, want_grad)
     else:
-        for blk in range(nb):
-            sums[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad)
+        _dense_blocks(0, nb, sums, op, x, t, w, out, grad, scale, a, strict, want_grad)
     return _combine(sums, start)
 
 
@@ -246,12 +266,10 @@ def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel, st
 
 @loop
 def _sparse_loop(row, x, y, s, cw, total_w, out, grad, scale, ignore, smoothing,  # type: ignore[no-untyped-def]
-                 strict, want_grad):
+                 strict, want_grad, e, h):
     c = x.shape[1]
     has_s = s.size > 0
     want_out = out.size > 0
-    e = np.empty(c, dtype=x.dtype)
-    h = np.empty(c)
     acc = 0.0
     for i in range(x.shape[0]):
         yi = y[i]
@@ -278,7 +296,7 @@ def _sparse_loop(row, x, y, s, cw, total_w, out, grad, scale, ignore, smoothing,
 
 @numba.njit(nogil=True, error_model="numpy")
 def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # type: ignore[no-untyped-def]
-                  smoothing, strict, want_grad):
+                  smoothing, strict, want_grad, e, h):
     per = max(1, BLOCK // x.shape[1])
     lo = blk * per
     hi = min(lo + per, x.shape[0])
@@ -288,15 +306,26 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # ty
     gb = grad[lo:hi] if want_grad else grad
     if op == SPARSE_LOGITS:
         return _sparse_loop(sparse_logits_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
-                            smoothing, strict, want_grad)
+                            smoothing, strict, want_grad, e, h)
     if op == SPARSE_PROBS:
         return _sparse_loop(sparse_probs_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
-                            smoothing, strict, want_grad)
+                            smoothing, strict, want_grad, e, h)
     if op == NLL:
         return _sparse_loop(nll_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
-                            smoothing, strict, want_grad)
+                            smoothing, strict, want_grad, e, h)
     return _sparse_loop(multiclass_hinge_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
-                        smoothing, strict, want_grad)
+                        smoothing, strict, want_grad, e, h)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _sparse_blocks(first, last, sums, op, x, y, s, cw, total_w, out, grad, scale,  # type: ignore[no-untyped-def]
+                   ignore, smoothing, strict, want_grad):
+    """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
+    e = np.empty(x.shape[1], dtype=x.dtype)
+    h = np.empty(x.shape[1])
+    for blk in range(first, last):
+        sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,
+                                  smoothing, strict, want_grad, e, h)
 
 
 @kernel(lambda F: f8(In(F, 2), In(i8), In(f8), In(f8), Out(F), Out(F, 2), f8, i8, f8, i8,
@@ -314,13 +343,13 @@ def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, strict,  #
     nb = (x.shape[0] + per - 1) // per
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,
-                                      smoothing, strict, want_grad)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _sparse_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, op, x, y, s, cw,
+                           total_w, out, grad, scale, ignore, smoothing, strict, want_grad)
     else:
-        for blk in range(nb):
-            sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,
-                                      smoothing, strict, want_grad)
+        _sparse_blocks(0, nb, sums, op, x, y, s, cw, total_w, out, grad, scale, ignore,
+                       smoothing, strict, want_grad)
     return _combine(sums, start)
 
 

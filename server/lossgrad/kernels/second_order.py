@@ -59,6 +59,7 @@ from .drivers import (
     SQUARED_HINGE,
     TWEEDIE,
     _combine,
+    _tasks,
     loop,
 )
 from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
@@ -219,12 +220,9 @@ def elementwise(x, y, w, out, grad, hess, scale, op, a, b, bounds, strict, paral
 # --- rows against rows (dense targets) -------------------------------------------------
 
 @loop
-def _dense_loop(row, x, t, w, out, grad, hess, scale, a, lo, hi, strict):  # type: ignore[no-untyped-def]
-    c = x.shape[1]
+def _dense_loop(row, x, t, w, out, grad, hess, scale, a, lo, hi, strict, e, h):  # type: ignore[no-untyped-def]
     has_w = w.size > 0
     want_out = out.size > 0
-    e = np.empty(c, dtype=x.dtype)
-    h = np.empty(c)
     acc = 0.0
     for i in range(x.shape[0]):
         wi = w[i] if has_w else 1.0
@@ -236,7 +234,7 @@ def _dense_loop(row, x, t, w, out, grad, hess, scale, a, lo, hi, strict):  # typ
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict):  # type: ignore[no-untyped-def]
+def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict, e, h):  # type: ignore[no-untyped-def]
     per = max(1, BLOCK // x.shape[1])
     first = blk * per
     last = min(first + per, x.shape[0])
@@ -247,24 +245,35 @@ def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict):  
     lo, hi = bounds[0], bounds[1]
     if op == CCE_LOGITS:
         return _dense_loop(cce_logits_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
-                           strict)
+                           strict, e, h)
     if op == CCE_PROBS:
         return _dense_loop(cce_probs_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
-                           strict)
+                           strict, e, h)
     if op == KL_PROBS:
         return _dense_loop(kl_probs_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
-                           strict)
+                           strict, e, h)
     if op == KL_LOG:
         return _dense_loop(kl_log_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
-                           strict)
+                           strict, e, h)
     if op == CATEGORICAL_HINGE:
         return _dense_loop(categorical_hinge_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
-                           hi, strict)
+                           hi, strict, e, h)
     if op == COSINE_SIMILARITY:
         return _dense_loop(cosine_similarity_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo,
-                           hi, strict)
+                           hi, strict, e, h)
     return _dense_loop(softmax_focal_row_hessian, xb, tb, wb, ob, gb, hb, scale, a, lo, hi,
-                       strict)
+                       strict, e, h)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _dense_blocks(first, last, sums, op, x, t, w, out, grad, hess, scale, a, bounds,  # type: ignore[no-untyped-def]
+                  strict):
+    """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
+    e = np.empty(x.shape[1], dtype=x.dtype)
+    h = np.empty(x.shape[1])
+    for blk in range(first, last):
+        sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict,
+                                 e, h)
 
 
 @kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8, f8,
@@ -275,13 +284,12 @@ def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel)
     nb = (x.shape[0] + per - 1) // per
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds,
-                                     strict)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _dense_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, op, x, t, w, out,
+                          grad, hess, scale, a, bounds, strict)
     else:
-        for blk in range(nb):
-            sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds,
-                                     strict)
+        _dense_blocks(0, nb, sums, op, x, t, w, out, grad, hess, scale, a, bounds, strict)
     return _combine(sums, 0.0)  # one unary call: the sum starts at 0
 
 
@@ -289,12 +297,10 @@ def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel)
 
 @loop
 def _sparse_loop(row, x, y, s, cw, total_w, out, grad, hess, scale, ignore, smoothing,  # type: ignore[no-untyped-def]
-                 lo, hi, strict):
+                 lo, hi, strict, e, h):
     c = x.shape[1]
     has_s = s.size > 0
     want_out = out.size > 0
-    e = np.empty(c, dtype=x.dtype)
-    h = np.empty(c)
     acc = 0.0
     for i in range(x.shape[0]):
         yi = y[i]
@@ -320,7 +326,7 @@ def _sparse_loop(row, x, y, s, cw, total_w, out, grad, hess, scale, ignore, smoo
 
 @numba.njit(nogil=True, error_model="numpy")
 def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,  # type: ignore[no-untyped-def]
-                  smoothing, bounds, strict):
+                  smoothing, bounds, strict, e, h):
     per = max(1, BLOCK // x.shape[1])
     first = blk * per
     last = min(first + per, x.shape[0])
@@ -331,15 +337,26 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,
     lo, hi = bounds[0], bounds[1]
     if op == SPARSE_LOGITS:
         return _sparse_loop(sparse_logits_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb,
-                            scale, ignore, smoothing, lo, hi, strict)
+                            scale, ignore, smoothing, lo, hi, strict, e, h)
     if op == MULTICLASS_HINGE:
         return _sparse_loop(multiclass_hinge_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb,
-                            scale, ignore, smoothing, lo, hi, strict)
+                            scale, ignore, smoothing, lo, hi, strict, e, h)
     if op == NLL:
         return _sparse_loop(nll_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb, scale,
-                            ignore, smoothing, lo, hi, strict)
+                            ignore, smoothing, lo, hi, strict, e, h)
     return _sparse_loop(sparse_probs_row_hessian, xb, yb, sb, cw, total_w, ob, gb, hb, scale,
-                        ignore, smoothing, lo, hi, strict)
+                        ignore, smoothing, lo, hi, strict, e, h)
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def _sparse_blocks(first, last, sums, op, x, y, s, cw, total_w, out, grad, hess, scale,  # type: ignore[no-untyped-def]
+                   ignore, smoothing, bounds, strict):
+    """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
+    e = np.empty(x.shape[1], dtype=x.dtype)
+    h = np.empty(x.shape[1])
+    for blk in range(first, last):
+        sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
+                                  ignore, smoothing, bounds, strict, e, h)
 
 
 @kernel(lambda F: f8(In(F, 2), In(i8), In(f8), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8,
@@ -356,11 +373,11 @@ def sparse_rows(x, y, s, cw, out, grad, hess, scale, ignore, smoothing, op, boun
     nb = (x.shape[0] + per - 1) // per
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
-                                      ignore, smoothing, bounds, strict)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _sparse_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, op, x, y, s, cw,
+                           total_w, out, grad, hess, scale, ignore, smoothing, bounds, strict)
     else:
-        for blk in range(nb):
-            sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
-                                      ignore, smoothing, bounds, strict)
+        _sparse_blocks(0, nb, sums, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,
+                       smoothing, bounds, strict)
     return _combine(sums, 0.0)  # one unary call: the sum starts at 0
