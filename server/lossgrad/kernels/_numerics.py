@@ -181,9 +181,13 @@ _SQRT2 = 1.4142135623730951
 
 
 # Polynomial coefficients, highest power first, for ``_horner``: e^r's Taylor series to
-# r^13 (float64; float32 takes the terms to r^7) and atanh's series sum z^k / (2k + 1).
+# r^13 (float64), and atanh's series sum z^k / (2k + 1).
 _EXP_TAYLOR_64 = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
-_EXP_TAYLOR_32 = _EXP_TAYLOR_64[-8:]
+# float32: degree 6 on |r| <= ln2 / 2, fitted for the smallest largest relative error with
+# the constant term held at 1 (so e^0 is exactly 1): 2e-9, 0.9 ulp once evaluated in float32
+# steps, one step fewer than the Taylor series to r^7.
+_EXP_MINIMAX_32 = (0.0013843603617581725, 0.008374196405918521, 0.04166800482896322,
+                   0.1666643078837802, 0.49999994190906083, 1.0000000322622677, 1.0)
 _ATANH_SERIES_64 = tuple(1.0 / (2 * k + 1) for k in range(10, -1, -1))
 
 
@@ -208,10 +212,11 @@ def _exp64_reduced(xc):  # type: ignore[no-untyped-def]
 
 
 def _exp32_reduced(xc):  # type: ignore[no-untyped-def]
-    """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (Taylor to r^7: < 1 ulp)."""
-    kf = (xc * np.float32(_LOG2E) + np.float32(_ROUND_32)) - np.float32(_ROUND_32)
-    r = xc - kf * np.float32(_LN2_HI_32) - kf * np.float32(_LN2_LO_32)
-    return _horner(r, _EXP_TAYLOR_32), kf
+    """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (about; any integer k near xc / ln2
+    does), each reduction step one fused multiply-add (kf ln2_hi is exact anyway)."""
+    kf = fma(xc, np.float32(_LOG2E), np.float32(_ROUND_32)) - np.float32(_ROUND_32)
+    r = fma(kf, np.float32(-_LN2_LO_32), fma(kf, np.float32(-_LN2_HI_32), xc))
+    return _horner(r, _EXP_MINIMAX_32), kf
 
 
 _exp64_red = numba.njit(error_model="numpy")(_exp64_reduced)
