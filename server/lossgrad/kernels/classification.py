@@ -147,21 +147,33 @@ def _count_max(x, m):  # type: ignore[no-untyped-def]
 
 
 @inline
-def softmax_row(x, e, u, strict):  # type: ignore[no-untyped-def]
-    """Write u_k = exp(x_k - m) and e_k = the same but 0 at the maxima; return (m, s1)
-    where s1 = sum_k exp(x_k - m) - 1 as float64 (NaN if the row has a NaN/Inf). ``u``
-    may be ``e`` (then it ends as ``e``).
+def _shifted_exp(xk, m, strict):  # type: ignore[no-untyped-def]
+    """(exp(xk - m), and the same but 0 at the maximum, NaN for a NaN/Inf when strict)."""
+    d = xk - m
+    ek = fexp_nonpositive(d)  # exactly 1 at d = 0
+    zeroed = fconst(d, 0.0) if d == fconst(d, 0.0) else ek
+    return ek, (zeroed + poison(xk) if strict else zeroed)
+
+
+@inline
+def softmax_row(x, e, u, want_u, strict):  # type: ignore[no-untyped-def]
+    """Write e_k = exp(x_k - m), 0 at the maxima, and if ``want_u`` u_k = exp(x_k - m)
+    (the gradient row); return (m, s1) where s1 = sum_k exp(x_k - m) - 1 as float64 (NaN
+    if the row has a NaN/Inf).
 
     s1 leaves out one exp(0) = 1 exactly, so LSE(x) - x_k = (m - x_k) + log1p(s1) keeps
     full relative precision for confident rows.
     """
     m = _row_max(x)
-    for k in range(x.size):
-        d = x[k] - m
-        ek = fexp_nonpositive(d)  # exactly 1 at d = 0
-        u[k] = ek
-        ek = fconst(d, 0.0) if d == fconst(d, 0.0) else ek
-        e[k] = ek + poison(x[k]) if strict else ek
+    if want_u:
+        for k in range(x.size):
+            uk, ek = _shifted_exp(x[k], m, strict)
+            u[k] = uk
+            e[k] = ek
+    else:  # a loop of its own: one that may write u = e does not vectorise
+        for k in range(x.size):
+            _, ek = _shifted_exp(x[k], m, strict)
+            e[k] = ek
     return m, block_sum(e) + (np.float64(_count_max(x, m)) - 1.0)
 
 
@@ -176,7 +188,7 @@ def cce_logits_row(x, q, g, e, h, coef, smoothing, strict, want_grad):  # type: 
     """sum_k q'_k (LSE(x) - x_k), q' = (1 - eps) q + eps / C (PyTorch CrossEntropyLoss
     with probability targets). Gradient (sum q') softmax(x) - q'."""
     c = x.size
-    m, s1 = softmax_row(x, e, g, strict)  # g: e when the gradient is not wanted
+    m, s1 = softmax_row(x, e, g, want_grad, strict)
     keep = fconst(x, 1.0 - smoothing)
     spread = fconst(x, smoothing / c)
     for k in range(c):
@@ -222,7 +234,7 @@ def sparse_logits_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: ign
     """
     c = x.size
     has_cw = cw.size > 0
-    m, s1 = softmax_row(x, e, g, strict)  # g: e when the gradient is not wanted
+    m, s1 = softmax_row(x, e, g, want_grad, strict)
     lse_m = np.log1p(s1)
     wy = cw[yi] if has_cw else 1.0
     spread = smoothing / c

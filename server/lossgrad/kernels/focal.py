@@ -109,7 +109,7 @@ def softmax_focal_row(x, q, g, e, h, coef, gamma, strict, want_grad):  # type: i
     (1 - p_k)) (the second term 0 where p_k = 1).
     """
     c = x.size
-    m, s1 = softmax_row(x, e, e, strict)
+    m, s1 = softmax_row(x, e, e, False, strict)
     for k in range(c):
         pk, omp, logp, mod = _focal_terms(x, k, m, s1, e, gamma)
         qk = np.float64(q[k])
@@ -139,7 +139,7 @@ def softmax_focal_row_hessian(x, q, g, hs, e, h, coef, gamma, lo, hi,  # type: i
     (p_j <= 1 - p_k*). Every other p_k <= 1/2. Equals p_j (1 - p_j) sum q for gamma = 0."""
     loss = softmax_focal_row(x, q, g, e, h, coef, gamma, strict, True)
     c = x.size
-    m, s1 = softmax_row(x, e, e, strict)
+    m, s1 = softmax_row(x, e, e, False, strict)
     top = 0
     while x[top] != m and top < c - 1:
         top += 1
