@@ -100,6 +100,14 @@ def _tasks(blocks):  # type: ignore[no-untyped-def]
     return max(1, min(blocks, TASKS))
 
 
+@numba.njit(nogil=True)
+def scratch_blocks(x, grad):  # type: ignore[no-untyped-def]
+    """A block for the losses and, when the gradient is not wanted (``grad`` empty), one
+    for it: the scratch of a run of element blocks."""
+    size = min(BLOCK, x.size)
+    return np.empty(size, dtype=x.dtype), np.empty(0 if grad.size else size, dtype=x.dtype)
+
+
 # --- elementwise ---------------------------------------------------------------------
 
 @loop
@@ -127,14 +135,16 @@ def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict):  # type: i
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict):  # type: ignore[no-untyped-def]
+def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scratch):  # type: ignore[no-untyped-def]
+    """One block; ``losses`` and ``scratch`` (the gradient when it is not wanted) are
+    scratch blocks."""
     lo = blk * BLOCK
     hi = min(lo + BLOCK, x.size)
     xb, yb = x[lo:hi], y[lo:hi]
     wb = w[lo:hi] if w.size else w
     ob = out[lo:hi] if out.size else out
-    gb = grad[lo:hi] if grad.size else np.empty(hi - lo, dtype=x.dtype)
-    lb = np.empty(hi - lo, dtype=x.dtype)
+    gb = grad[lo:hi] if grad.size else scratch[:hi - lo]
+    lb = losses[:hi - lo]
     fa, fb = fconst(x, a), fconst(x, b)
     if op == MAE:
         _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
@@ -177,17 +187,27 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict):  # type: i
     return block_sum(lb)
 
 
+@numba.njit(nogil=True, error_model="numpy")
+def _element_blocks(first, last, sums, op, x, y, w, out, grad, scale, a, b, strict):  # type: ignore[no-untyped-def]
+    """Blocks ``first`` to ``last``, with one set of scratch blocks for all of them."""
+    losses, scratch = scratch_blocks(x, grad)
+    for blk in range(first, last):
+        sums[blk] = _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses,
+                                   scratch)
+
+
 @kernel(lambda F: f8(In(F), In(F), In(f8), Out(F), Out(F), f8, i8, f8, f8, b1, b1, f8),
         parallel=True)
 def elementwise(x, y, w, out, grad, scale, op, a, b, strict, parallel, start):  # type: ignore[no-untyped-def]
     nb = (x.size + BLOCK - 1) // BLOCK
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _element_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, op, x, y, w,
+                            out, grad, scale, a, b, strict)
     else:
-        for blk in range(nb):
-            sums[blk] = _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict)
+        _element_blocks(0, nb, sums, op, x, y, w, out, grad, scale, a, b, strict)
     return _combine(sums, start)
 
 

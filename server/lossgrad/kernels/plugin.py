@@ -39,7 +39,7 @@ import numba
 import numpy as np
 
 from lossgrad.kernels._numerics import BLOCK, block_sum
-from lossgrad.kernels.drivers import _combine, _element_loop
+from lossgrad.kernels.drivers import _combine, _element_loop, _tasks, scratch_blocks
 from lossgrad.kernels.plugin import element_function
 from {module} import {qualname} as _plugin_function
 
@@ -52,16 +52,17 @@ def _adapt(x, y, p, unused):
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def _block(blk, x, y, w, out, grad, scale, p, strict):
-    lo = blk * BLOCK
-    hi = min(lo + BLOCK, x.size)
-    xb, yb = x[lo:hi], y[lo:hi]
-    wb = w[lo:hi] if w.size else w
-    ob = out[lo:hi] if out.size else out
-    gb = grad[lo:hi] if grad.size else np.empty(hi - lo, dtype=x.dtype)
-    lb = np.empty(hi - lo, dtype=x.dtype)
-    _element_loop(_adapt, xb, yb, wb, lb, ob, gb, scale, p, 0.0, strict)
-    return block_sum(lb)
+def _blocks(first, last, sums, x, y, w, out, grad, scale, p, strict):
+    losses, scratch = scratch_blocks(x, grad)
+    for blk in range(first, last):
+        lo = blk * BLOCK
+        hi = min(lo + BLOCK, x.size)
+        wb = w[lo:hi] if w.size else w
+        ob = out[lo:hi] if out.size else out
+        gb = grad[lo:hi] if grad.size else scratch[:hi - lo]
+        lb = losses[:hi - lo]
+        _element_loop(_adapt, x[lo:hi], y[lo:hi], wb, lb, ob, gb, scale, p, 0.0, strict)
+        sums[blk] = block_sum(lb)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", parallel=True)
@@ -69,11 +70,12 @@ def elementwise(x, y, w, out, grad, scale, p, strict, parallel, start):
     nb = (x.size + BLOCK - 1) // BLOCK
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _block(blk, x, y, w, out, grad, scale, p, strict)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, x, y, w, out, grad,
+                    scale, p, strict)
     else:
-        for blk in range(nb):
-            sums[blk] = _block(blk, x, y, w, out, grad, scale, p, strict)
+        _blocks(0, nb, sums, x, y, w, out, grad, scale, p, strict)
     return _combine(sums, start)
 '''
 
@@ -94,16 +96,18 @@ def _adapt_second(x, y, p, unused):
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def _hessian_block(blk, x, y, w, out, grad, hess, scale, p, bounds, strict):
-    lo = blk * BLOCK
-    hi = min(lo + BLOCK, x.size)
-    xb, yb = x[lo:hi], y[lo:hi]
-    wb = w[lo:hi] if w.size else w
-    ob = out[lo:hi] if out.size else out
-    lb = np.empty(hi - lo, dtype=x.dtype)
-    _hessian_loop(_adapt, _adapt_second, xb, yb, wb, lb, ob, grad[lo:hi], hess[lo:hi], scale,
-                  p, 0.0, fconst(x, bounds[0]), fconst(x, bounds[1]), strict)
-    return block_sum(lb)
+def _hessian_blocks(first, last, sums, x, y, w, out, grad, hess, scale, p, bounds, strict):
+    losses, _ = scratch_blocks(x, grad)
+    for blk in range(first, last):
+        lo = blk * BLOCK
+        hi = min(lo + BLOCK, x.size)
+        wb = w[lo:hi] if w.size else w
+        ob = out[lo:hi] if out.size else out
+        lb = losses[:hi - lo]
+        _hessian_loop(_adapt, _adapt_second, x[lo:hi], y[lo:hi], wb, lb, ob, grad[lo:hi],
+                      hess[lo:hi], scale, p, 0.0, fconst(x, bounds[0]), fconst(x, bounds[1]),
+                      strict)
+        sums[blk] = block_sum(lb)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", parallel=True)
@@ -111,11 +115,12 @@ def hessian(x, y, w, out, grad, hess, scale, p, bounds, strict, parallel):
     nb = (x.size + BLOCK - 1) // BLOCK
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _hessian_block(blk, x, y, w, out, grad, hess, scale, p, bounds, strict)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _hessian_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, x, y, w, out,
+                            grad, hess, scale, p, bounds, strict)
     else:
-        for blk in range(nb):
-            sums[blk] = _hessian_block(blk, x, y, w, out, grad, hess, scale, p, bounds, strict)
+        _hessian_blocks(0, nb, sums, x, y, w, out, grad, hess, scale, p, bounds, strict)
     return _combine(sums, 0.0)
 '''
 

@@ -61,6 +61,7 @@ from .drivers import (
     _combine,
     _tasks,
     loop,
+    scratch_blocks,
 )
 from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
 from .likelihood import (
@@ -130,14 +131,15 @@ def _element_loop(elem, second, x, y, w, lb, out, grad, hess, scale, a, b, lo, h
 
 
 @numba.njit(nogil=True, error_model="numpy")
-def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, strict):  # type: ignore[no-untyped-def]
+def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, strict,  # type: ignore[no-untyped-def]
+                   losses):
     first = blk * BLOCK
     last = min(first + BLOCK, x.size)
     xb, yb = x[first:last], y[first:last]
     wb = w[first:last] if w.size else w
     ob = out[first:last] if out.size else out
     gb, hb = grad[first:last], hess[first:last]
-    lb = np.empty(last - first, dtype=x.dtype)
+    lb = losses[:last - first]
     fa, fb = fconst(x, a), fconst(x, b)
     lo, hi = fconst(x, bounds[0]), fconst(x, bounds[1])
     if op == MAE:
@@ -200,6 +202,16 @@ def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, stric
     return block_sum(lb)
 
 
+@numba.njit(nogil=True, error_model="numpy")
+def _element_blocks(first, last, sums, op, x, y, w, out, grad, hess, scale, a, b, bounds,  # type: ignore[no-untyped-def]
+                    strict):
+    """Blocks ``first`` to ``last``, with one scratch block for their losses."""
+    losses, _ = scratch_blocks(x, grad)
+    for blk in range(first, last):
+        sums[blk] = _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds,
+                                   strict, losses)
+
+
 @kernel(lambda F: f8(In(F), In(F), In(f8), Out(F), Out(F), Out(F), f8, i8, f8, f8, In(f8), b1,
                      b1), parallel=True)
 def elementwise(x, y, w, out, grad, hess, scale, op, a, b, bounds, strict, parallel):  # type: ignore[no-untyped-def]
@@ -207,13 +219,12 @@ def elementwise(x, y, w, out, grad, hess, scale, op, a, b, bounds, strict, paral
     nb = (x.size + BLOCK - 1) // BLOCK
     sums = np.empty(nb)
     if parallel:
-        for blk in numba.prange(nb):
-            sums[blk] = _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds,
-                                       strict)
+        tasks = _tasks(nb)
+        for task in numba.prange(tasks):
+            _element_blocks(task * nb // tasks, (task + 1) * nb // tasks, sums, op, x, y, w,
+                            out, grad, hess, scale, a, b, bounds, strict)
     else:
-        for blk in range(nb):
-            sums[blk] = _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds,
-                                       strict)
+        _element_blocks(0, nb, sums, op, x, y, w, out, grad, hess, scale, a, b, bounds, strict)
     return _combine(sums, 0.0)  # one unary call: the sum starts at 0
 
 
