@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import reference as ref
 from lossgrad import compute
+from lossgrad.kernels import drivers
+from lossgrad.kernels._numerics import BLOCK, compile_kernels
+from lossgrad.kernels.classification import SPARSE_LOGITS
 
 DTYPES = (np.float64, np.float32)
 BIG = 1e4  # largest logit magnitude the spec promises finite results for
@@ -413,6 +416,45 @@ def test_bit_identical_repeats(loss, kind, params, dtype):
     full = compute(loss, x, t, sample_weight=w, reduction="sum", **params)
     if loss != "rmse":  # rmse's gradient is scaled by the batch's RMSE
         assert head.gradient.tobytes() == full.gradient[:1000].tobytes()
+
+
+def test_drivers_split_into_tasks_give_the_bits_of_one_thread():
+    """More blocks than parallel tasks, split unevenly (drivers.TASKS): each task runs a run
+    of blocks on one set of scratch, and every block sum is added in block order, so the
+    parallel path gives the serial path's bits, with and without the gradient."""
+    compile_kernels()  # the declared signatures, as the engine runs them
+    rng = _rng("tasks")
+    n = 2 * drivers.TASKS * BLOCK + 123
+    x, y = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    c = 10
+    rows = (drivers.TASKS * 2 + 23) * (BLOCK // c) + 7
+    logits = rng.normal(size=(rows, c)).astype(np.float32)
+    labels = rng.integers(0, c, rows)
+    labels[::13] = -100  # ignored rows
+    probs = rng.dirichlet(np.ones(c), size=rows).astype(np.float32)
+    none, f8 = np.empty(0, np.float32), np.empty(0)
+    for want_grad in (True, False):
+        runs = []
+        for parallel in (False, True):
+            out = np.empty(n, np.float32)
+            grad = np.empty(n if want_grad else 0, np.float32)
+            huber = drivers.elementwise(x, y, f8, out, grad, 1.0, drivers.HUBER, 0.5, 0.0,
+                                        True, parallel, 0.0)
+            rgrad = np.empty((rows if want_grad else 0, c), np.float32)
+            sparse = drivers.sparse_rows(logits, labels, f8, f8, none, rgrad, 1.0, -100, 0.1,
+                                         SPARSE_LOGITS, True, want_grad, parallel, 0.0)
+            dgrad = np.empty((rows if want_grad else 0, c), np.float32)
+            dense = drivers.dense_rows(logits, probs, f8, none, dgrad, 1.0, drivers.CCE_LOGITS,
+                                       0.0, True, want_grad, parallel, 0.0)
+            runs.append((huber, out.tobytes(), grad.tobytes(), sparse, rgrad.tobytes(), dense,
+                         dgrad.tobytes()))
+        assert runs[0] == runs[1]
+    r = x.astype(np.float64) - y
+    want = np.where(np.abs(r) < 0.5, 0.5 * r * r, 0.5 * (np.abs(r) - 0.25)).sum()
+    assert runs[0][0] == pytest.approx(want, rel=1e-6)
+    z = logits.astype(np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    assert runs[0][5] == pytest.approx((probs * (lse[:, None] - z)).sum(), rel=1e-6)
 
 
 @pytest.mark.parametrize("log_predictions", [False, True])
