@@ -108,6 +108,13 @@ def scratch_blocks(x, grad):  # type: ignore[no-untyped-def]
     return np.empty(size, dtype=x.dtype), np.empty(0 if grad.size else size, dtype=x.dtype)
 
 
+@numba.njit(nogil=True)
+def scratch_rows(x):  # type: ignore[no-untyped-def]
+    """The two scratch rows of a run of row blocks: ``e`` in the rows' type, ``h`` float64
+    (see ``classification``)."""
+    return np.empty(x.shape[1], dtype=x.dtype), np.empty(x.shape[1])
+
+
 # --- elementwise ---------------------------------------------------------------------
 
 @loop
@@ -259,8 +266,7 @@ def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad, e, h)
 def _dense_blocks(first, last, sums, op, x, t, w, out, grad, scale, a, strict,  # type: ignore[no-untyped-def]
                   want_grad):
     """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
-    e = np.empty(x.shape[1], dtype=x.dtype)
-    h = np.empty(x.shape[1])
+    e, h = scratch_rows(x)
     for blk in range(first, last):
         sums[blk] = _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad, e, h)
 
@@ -341,8 +347,7 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # ty
 def _sparse_blocks(first, last, sums, op, x, y, s, cw, total_w, out, grad, scale,  # type: ignore[no-untyped-def]
                    ignore, smoothing, strict, want_grad):
     """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
-    e = np.empty(x.shape[1], dtype=x.dtype)
-    h = np.empty(x.shape[1])
+    e, h = scratch_rows(x)
     for blk in range(first, last):
         sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,
                                   smoothing, strict, want_grad, e, h)

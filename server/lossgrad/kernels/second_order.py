@@ -62,6 +62,7 @@ from .drivers import (
     _tasks,
     loop,
     scratch_blocks,
+    scratch_rows,
 )
 from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
 from .likelihood import (
@@ -280,8 +281,7 @@ def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict, e,
 def _dense_blocks(first, last, sums, op, x, t, w, out, grad, hess, scale, a, bounds,  # type: ignore[no-untyped-def]
                   strict):
     """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
-    e = np.empty(x.shape[1], dtype=x.dtype)
-    h = np.empty(x.shape[1])
+    e, h = scratch_rows(x)
     for blk in range(first, last):
         sums[blk] = _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict,
                                  e, h)
@@ -363,8 +363,7 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,
 def _sparse_blocks(first, last, sums, op, x, y, s, cw, total_w, out, grad, hess, scale,  # type: ignore[no-untyped-def]
                    ignore, smoothing, bounds, strict):
     """Blocks ``first`` to ``last``, with one pair of scratch rows for all of them."""
-    e = np.empty(x.shape[1], dtype=x.dtype)
-    h = np.empty(x.shape[1])
+    e, h = scratch_rows(x)
     for blk in range(first, last):
         sums[blk] = _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale,
                                   ignore, smoothing, bounds, strict, e, h)
