@@ -8,11 +8,12 @@ checked against hand-computed values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
-from lossgrad import InvalidArgumentError, LossgradError, compute
+from lossgrad import InvalidArgumentError, LossgradError, Reduction, Result, compute
 from lossgrad.errors import (
     EMPTY_BATCH,
     INVALID_LABELS,
@@ -250,3 +251,19 @@ def test_allow_nonfinite(predictions, targets, want):
     # The finite positions keep their gradient 2 r.
     np.testing.assert_array_equal(r.gradient[[0, 2]], 2.0 * (V3 - T3)[[0, 2]])
 
+
+
+def test_result_is_the_frozen_dataclass_with_every_field():
+    """``compute`` builds its Result without the dataclass constructor: it must still be
+    a frozen Result, equal to one built by the constructor, with every field."""
+    result = compute("mse", np.array([1.0, 2.0]), np.array([0.0, 0.0]))
+    assert type(result) is Result
+    assert dataclasses.asdict(result).keys() == {f.name for f in dataclasses.fields(Result)}
+    assert result == Result(2.5, result.gradient, 2, 2, 2.0, 5.0)
+    assert result.gradient.tolist() == [1.0, 2.0]  # 2 r / 2
+    assert result.hessian is None and result.variance_gradient is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.loss = 0.0  # type: ignore[misc]
+    for reduction in ("SUM", "Sum", Reduction.SUM):
+        assert compute("mse", np.array([1.0, 2.0]), np.array([0.0, 0.0]),
+                       reduction=reduction).loss == 5.0

@@ -138,10 +138,10 @@ def tensor_layout(tensor: _wire.Tensor, field: str, nbytes: int,
             f"{field}.dtype", f"unsupported dtype {shown}; expected one of "
             + ", ".join(pb.DataType.Name(code) for code in _DTYPES), UNSUPPORTED_DTYPE)
     shape = tensor.shape
-    for axis, dim in enumerate(shape):
-        if dim < 0:
-            raise InvalidArgumentError(
-                f"{field}.shape[{axis}]", f"dimension {dim} is negative", NEGATIVE_DIMENSION)
+    if shape and min(shape) < 0:
+        axis, dim = next((axis, dim) for axis, dim in enumerate(shape) if dim < 0)
+        raise InvalidArgumentError(
+            f"{field}.shape[{axis}]", f"dimension {dim} is negative", NEGATIVE_DIMENSION)
     if len(shape) > _MAX_NDIM:
         raise InvalidArgumentError(
             f"{field}.shape", f"{len(shape)} dimensions; at most {_MAX_NDIM} are supported")
@@ -152,7 +152,8 @@ def tensor_layout(tensor: _wire.Tensor, field: str, nbytes: int,
             nbytes_field,
             f"{nbytes} bytes, but shape {list(shape)} of {pb.DataType.Name(tensor.dtype)} "
             f"needs {expected}", BYTE_SIZE_MISMATCH)
-    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_NBYTES:
+    # With no zero dimension the size is that of the received bytes, which exist.
+    if not expected and math.prod(max(d, 1) for d in shape) * dtype.itemsize > _MAX_NBYTES:
         raise InvalidArgumentError(f"{field}.shape", f"shape {list(shape)} is too large")
     return dtype
 
