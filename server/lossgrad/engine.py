@@ -18,7 +18,8 @@ from .errors import SHARED_MEMORY_MISALIGNED, SHARED_MEMORY_OUT_OF_RANGE, Invali
 from .kernels import _numerics as nm
 from .params import hessian_request
 from .request import FLOAT_DTYPES, Batch, Reduction, prepare
-from .runners import RUNNERS, Result, register_runner, run_elementwise_kernel, run_hessian_kernel
+from .result import Result
+from .runners import RUNNERS, register_runner, run_elementwise_kernel, run_hessian_kernel
 
 __all__ = ["HessianMode", "Reduction", "Result", "compute", "register_runner", "run",
            "run_elementwise_kernel", "run_hessian_kernel", "warmup"]
