@@ -44,7 +44,11 @@ from typing import Any
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 
 from . import catalog
-from .catalog import (
+from .kernels._numerics import fconst
+from .kernels.elementary import exp, log, log1p, sigmoid, softplus
+from .kernels.plugin import python_function
+from .params import coerce_param
+from .specs import (
     ALL_HESSIAN_MODES,
     InputKind,
     InputSpec,
@@ -54,10 +58,6 @@ from .catalog import (
     ParamType,
     PluginSource,
 )
-from .kernels._numerics import fconst
-from .kernels.elementary import exp, log, log1p, sigmoid, softplus
-from .kernels.plugin import python_function
-from .params import coerce_param
 
 __all__ = ["GROUP", "Input", "Loss", "Param", "PluginError", "PluginReport", "exp", "fconst",
            "load", "log", "log1p", "sigmoid", "softplus"]

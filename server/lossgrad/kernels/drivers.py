@@ -118,6 +118,19 @@ def scratch_rows(x):  # type: ignore[no-untyped-def]
 # --- elementwise ---------------------------------------------------------------------
 
 @loop
+def block_views(blk, x, y, w, out, grad, losses, scratch):  # type: ignore[no-untyped-def]
+    """Element block ``blk`` of the inputs and outputs, and its part of the scratch blocks:
+    (x, y, w, out, grad, losses). ``w`` and ``out`` stay empty when they are; ``grad`` is
+    ``scratch`` when the gradient is not wanted (empty)."""
+    lo = blk * BLOCK
+    hi = min(lo + BLOCK, x.size)
+    wb = w[lo:hi] if w.size else w
+    ob = out[lo:hi] if out.size else out
+    gb = grad[lo:hi] if grad.size else scratch[:hi - lo]
+    return x[lo:hi], y[lo:hi], wb, ob, gb, losses[:hi - lo]
+
+
+@loop
 def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict):  # type: ignore[no-untyped-def]
     """One block. The main loop has no branches, so it vectorises: it writes the losses
     to ``lb`` and scale * d loss / d x to ``grad`` (a scratch block when the gradient is
@@ -145,13 +158,7 @@ def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict):  # type: i
 def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scratch):  # type: ignore[no-untyped-def]
     """One block; ``losses`` and ``scratch`` (the gradient when it is not wanted) are
     scratch blocks."""
-    lo = blk * BLOCK
-    hi = min(lo + BLOCK, x.size)
-    xb, yb = x[lo:hi], y[lo:hi]
-    wb = w[lo:hi] if w.size else w
-    ob = out[lo:hi] if out.size else out
-    gb = grad[lo:hi] if grad.size else scratch[:hi - lo]
-    lb = losses[:hi - lo]
+    xb, yb, wb, ob, gb, lb = block_views(blk, x, y, w, out, grad, losses, scratch)
     fa, fb = fconst(x, a), fconst(x, b)
     if op == MAE:
         _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 
 from lossgrad.kernels._numerics import BLOCK, block_sum
-from lossgrad.kernels.drivers import _combine, _element_loop, _tasks, scratch_blocks
+from lossgrad.kernels.drivers import _combine, _element_loop, _tasks, block_views, scratch_blocks
 from lossgrad.kernels.plugin import element_function
 from {module} import {qualname} as _plugin_function
 
@@ -55,13 +55,8 @@ def _adapt(x, y, p, unused):
 def _blocks(first, last, sums, x, y, w, out, grad, scale, p, strict):
     losses, scratch = scratch_blocks(x, grad)
     for blk in range(first, last):
-        lo = blk * BLOCK
-        hi = min(lo + BLOCK, x.size)
-        wb = w[lo:hi] if w.size else w
-        ob = out[lo:hi] if out.size else out
-        gb = grad[lo:hi] if grad.size else scratch[:hi - lo]
-        lb = losses[:hi - lo]
-        _element_loop(_adapt, x[lo:hi], y[lo:hi], wb, lb, ob, gb, scale, p, 0.0, strict)
+        xb, yb, wb, ob, gb, lb = block_views(blk, x, y, w, out, grad, losses, scratch)
+        _element_loop(_adapt, xb, yb, wb, lb, ob, gb, scale, p, 0.0, strict)
         sums[blk] = block_sum(lb)
 
 
@@ -99,14 +94,10 @@ def _adapt_second(x, y, p, unused):
 def _hessian_blocks(first, last, sums, x, y, w, out, grad, hess, scale, p, bounds, strict):
     losses, _ = scratch_blocks(x, grad)
     for blk in range(first, last):
-        lo = blk * BLOCK
-        hi = min(lo + BLOCK, x.size)
-        wb = w[lo:hi] if w.size else w
-        ob = out[lo:hi] if out.size else out
-        lb = losses[:hi - lo]
-        _hessian_loop(_adapt, _adapt_second, x[lo:hi], y[lo:hi], wb, lb, ob, grad[lo:hi],
-                      hess[lo:hi], scale, p, 0.0, fconst(x, bounds[0]), fconst(x, bounds[1]),
-                      strict)
+        xb, yb, wb, ob, gb, lb = block_views(blk, x, y, w, out, grad, losses, losses)
+        hb = hess[blk * BLOCK:blk * BLOCK + xb.size]
+        _hessian_loop(_adapt, _adapt_second, xb, yb, wb, lb, ob, gb, hb, scale, p, 0.0,
+                      fconst(x, bounds[0]), fconst(x, bounds[1]), strict)
         sums[blk] = block_sum(lb)
 
 

@@ -60,6 +60,7 @@ from .drivers import (
     TWEEDIE,
     _combine,
     _tasks,
+    block_views,
     loop,
     scratch_blocks,
     scratch_rows,
@@ -134,13 +135,8 @@ def _element_loop(elem, second, x, y, w, lb, out, grad, hess, scale, a, b, lo, h
 @numba.njit(nogil=True, error_model="numpy")
 def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, strict,  # type: ignore[no-untyped-def]
                    losses):
-    first = blk * BLOCK
-    last = min(first + BLOCK, x.size)
-    xb, yb = x[first:last], y[first:last]
-    wb = w[first:last] if w.size else w
-    ob = out[first:last] if out.size else out
-    gb, hb = grad[first:last], hess[first:last]
-    lb = losses[:last - first]
+    xb, yb, wb, ob, gb, lb = block_views(blk, x, y, w, out, grad, losses, losses)
+    hb = hess[blk * BLOCK:blk * BLOCK + xb.size]
     fa, fb = fconst(x, a), fconst(x, b)
     lo, hi = fconst(x, bounds[0]), fconst(x, bounds[1])
     if op == MAE:
