@@ -253,6 +253,30 @@ def test_allow_nonfinite(predictions, targets, want):
 
 
 
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["predictions", "targets", "both"])
+def test_lean_losses_still_reject_every_nonfinite_input(loss, dtype, bad, where):
+    """MSE and MAE sum their losses without poison terms (their loss is NaN or Inf
+    whenever an input is): every non-finite input, against a finite partner or the same
+    value, must still be found, on the serial and the parallel path."""
+    for n in (3, 70_000):
+        x = np.full(n, 0.5, dtype=dtype)
+        y = np.full(n, -0.25, dtype=dtype)
+        k = n - 2
+        if where != "targets":
+            x[k] = bad
+        if where != "predictions":
+            y[k] = bad
+        with pytest.raises(InvalidArgumentError) as info:
+            compute(loss, x, y)
+        field = "targets" if where == "targets" else "predictions"
+        assert info.value.reason == NONFINITE_INPUT
+        assert info.value.field.startswith(field), info.value.field
+        assert str(k) in info.value.field
+
+
 def test_result_is_the_frozen_dataclass_with_every_field():
     """``compute`` builds its Result without the dataclass constructor: it must still be
     a frozen Result, equal to one built by the constructor, with every field."""

@@ -162,6 +162,20 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
     return None
 
 
+@intrinsic
+def sum_add(typingctx, s, v):  # type: ignore[no-untyped-def]
+    """s + float64(v) for a running float64 sum, the one add allowed to re-associate:
+    LLVM may then vectorise a loop's sum of it (in an order fixed by the compiled code,
+    so the bits stay the same for the same block), while the rest of the loop's
+    arithmetic keeps its exact IEEE steps (unlike ``fastmath`` on the whole function)."""
+    if s == nt.float64 and isinstance(v, nt.Float):
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            term = context.cast(builder, args[1], v, nt.float64)
+            return builder.fadd(args[0], term, flags=("reassoc",))
+        return nt.float64(s, v), codegen
+    return None
+
+
 f32_bits = _bitcast(True, 32)
 bits_f32 = _bitcast(False, 32)
 f64_bits = _bitcast(True, 64)

@@ -29,6 +29,7 @@ from ._numerics import (
     i8,
     kernel,
     poison,
+    sum_add,
 )
 from .classification import (
     SPARSE_LOGITS,
@@ -131,13 +132,27 @@ def block_views(blk, x, y, w, out, grad, losses, scratch):  # type: ignore[no-un
 
 
 @loop
-def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict):  # type: ignore[no-untyped-def]
-    """One block. The main loop has no branches, so it vectorises: it writes the losses
-    to ``lb`` and scale * d loss / d x to ``grad`` (a scratch block when the gradient is
-    not wanted); weights and per-position outputs are applied on the cached block after.
-    ``strict`` poisons the loss where an input is NaN/Inf (off when the request allows
-    them: the result is then whatever the arithmetic gives)."""
+def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False):  # type: ignore[no-untyped-def]
+    """One block; returns the sum of its weighted losses. The main loop has no branches,
+    so it vectorises: it writes the losses to ``lb`` and scale * d loss / d x to ``grad``
+    (a scratch block when the gradient is not wanted); weights and per-position outputs
+    are applied on the cached block after. ``strict`` poisons the loss where an input is
+    NaN/Inf (off when the request allows them: the result is then whatever the arithmetic
+    gives).
+
+    ``lean`` (a constant) is for light losses of r = x - y whose loss is NaN or Inf
+    whenever an input is: without weights or per-position outputs, one loop then sums
+    the losses as it goes (no losses block to write and read back, no poison terms).
+    Heavier losses keep the block: a float64 sum in their loop would halve its vector
+    width."""
     sc = fconst(x, scale)
+    if lean and not (w.size or out.size):
+        s = 0.0
+        for j in range(x.size):
+            loss, g = elem(x[j], y[j], a, b)
+            s = sum_add(s, loss)
+            grad[j] = sc * g
+        return s
     for j in range(x.size):
         xj = x[j]
         yj = y[j]
@@ -152,6 +167,7 @@ def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict):  # type: i
     if out.size:
         for j in range(x.size):
             out[j] = lb[j]
+    return block_sum(lb)
 
 
 @numba.njit(nogil=True, error_model="numpy")
@@ -161,44 +177,42 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
     xb, yb, wb, ob, gb, lb = block_views(blk, x, y, w, out, grad, losses, scratch)
     fa, fb = fconst(x, a), fconst(x, b)
     if op == MAE:
-        _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == MSE:
-        _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == HUBER:
-        _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == PSEUDO_HUBER:
-        _element_loop(pseudo_huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == HINGE:
-        _element_loop(hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == SQUARED_HINGE:
-        _element_loop(squared_hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == BCE:
-        _element_loop(bce, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == BCE_LOGITS:
-        _element_loop(bce_logits, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == SMOOTH_L1:
-        _element_loop(smooth_l1, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == LOG_COSH:
-        _element_loop(log_cosh, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == QUANTILE:
-        _element_loop(quantile, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == MAPE:
-        _element_loop(mape, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == MSLE:
-        _element_loop(msle, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == POISSON_LOG:
-        _element_loop(poisson_log, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == POISSON_RATE:
-        _element_loop(poisson_rate, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == TWEEDIE:
-        _element_loop(tweedie, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == POISSON_DEVIANCE:
-        _element_loop(poisson_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    elif op == GAMMA_DEVIANCE:
-        _element_loop(gamma_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    else:
-        _element_loop(sigmoid_focal, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    return block_sum(lb)
+        return _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True)
+    if op == MSE:
+        return _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True)
+    if op == HUBER:
+        return _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == PSEUDO_HUBER:
+        return _element_loop(pseudo_huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == HINGE:
+        return _element_loop(hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == SQUARED_HINGE:
+        return _element_loop(squared_hinge, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == BCE:
+        return _element_loop(bce, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == BCE_LOGITS:
+        return _element_loop(bce_logits, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == SMOOTH_L1:
+        return _element_loop(smooth_l1, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == LOG_COSH:
+        return _element_loop(log_cosh, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == QUANTILE:
+        return _element_loop(quantile, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == MAPE:
+        return _element_loop(mape, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == MSLE:
+        return _element_loop(msle, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == POISSON_LOG:
+        return _element_loop(poisson_log, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == POISSON_RATE:
+        return _element_loop(poisson_rate, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == TWEEDIE:
+        return _element_loop(tweedie, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == POISSON_DEVIANCE:
+        return _element_loop(poisson_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if op == GAMMA_DEVIANCE:
+        return _element_loop(gamma_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    return _element_loop(sigmoid_focal, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
 
 
 @numba.njit(nogil=True, error_model="numpy")
