@@ -457,6 +457,37 @@ def test_drivers_split_into_tasks_give_the_bits_of_one_thread():
     assert runs[0][5] == pytest.approx((probs * (lse[:, None] - z)).sum(), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("op", ["MSE", "MAE", "HUBER", "BCE_LOGITS"])
+def test_element_sums_do_not_depend_on_where_the_gradient_lies(op, dtype):
+    """The same inputs give the same bits wherever the gradient's memory lies: just after
+    the predictions or the targets (where LLVM's run-time check of a loop that stores
+    picks the loop's scalar version) or anywhere else; serial and parallel, sizes below
+    one vector's worth to several blocks."""
+    compile_kernels()
+    rng = _rng("where", op)
+    empty, f8 = np.empty(0, dtype), np.empty(0)
+    for n in (15, 100, 5000, 70_000):
+        x, y = rng.normal(size=n).astype(dtype), (rng.random(n) > 0.5).astype(dtype)
+        sums, grads = set(), set()
+        for gap in (0, 1, 3, 8, 64, None):
+            for after in ("x", "y"):
+                buf = np.empty(2 * n + (gap or 0), dtype)
+                first, grad = buf[:n], buf[n + (gap or 0):]
+                if gap is None:
+                    first, grad = np.empty(n, dtype), np.empty(n, dtype)
+                first[:] = x if after == "x" else y
+                xs, ys = (first, y) if after == "x" else (x, first)
+                for parallel in (False, True):
+                    sums.add(drivers.elementwise(xs, ys, f8, empty, grad, 1.0,
+                                                 getattr(drivers, op), 1.0, 0.0, True,
+                                                 parallel, 0.0))
+                    grads.add(grad.tobytes())
+        assert len(sums) == 1 and len(grads) == 1, (n, sums)
+        if op == "MSE":
+            want = ((x.astype(np.float64) - y) ** 2).sum()
+            assert sums.pop() == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13)
+
 @pytest.mark.parametrize("log_predictions", [False, True])
 def test_kl_nan_target_propagates_when_allowed(log_predictions):
     """A NaN target must not be mistaken for p = 0 (which contributes exactly 0)."""

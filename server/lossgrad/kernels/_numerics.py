@@ -165,9 +165,11 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 @intrinsic
 def sum_add(typingctx, s, v):  # type: ignore[no-untyped-def]
     """s + float64(v) for a running float64 sum, the one add allowed to re-associate:
-    LLVM may then vectorise a loop's sum of it (in an order fixed by the compiled code,
-    so the bits stay the same for the same block), while the rest of the loop's
-    arithmetic keeps its exact IEEE steps (unlike ``fastmath`` on the whole function)."""
+    LLVM may then vectorise a loop's sum of it, while the rest of the loop's arithmetic
+    keeps its exact IEEE steps (unlike ``fastmath`` on the whole function). The order is
+    fixed by the compiled code only in a loop that stores nothing: LLVM guards a loop
+    that stores with a check of where its arrays lie, and falls back to the scalar loop,
+    which adds in another order."""
     if s == nt.float64 and isinstance(v, nt.Float):
         def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
             term = context.cast(builder, args[1], v, nt.float64)

@@ -141,17 +141,19 @@ def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False)
     gives).
 
     ``lean`` (a constant) is for light losses of r = x - y whose loss is NaN or Inf
-    whenever an input is: without weights or per-position outputs, one loop then sums
-    the losses as it goes (no losses block to write and read back, no poison terms).
-    Heavier losses keep the block: a float64 sum in their loop would halve its vector
-    width."""
+    whenever an input is: without weights or per-position outputs, a loop that only sums
+    the losses then replaces the losses block and the poison terms, and a second one
+    writes the gradient (the block is in L1 for both). The sum's loop must not store: a
+    loop that stores runs its vector or its scalar version depending on where the output
+    lies, and the two add in different orders. Heavier losses keep the block: recomputing
+    them costs more than it saves."""
     sc = fconst(x, scale)
     if lean and not (w.size or out.size):
         s = 0.0
         for j in range(x.size):
-            loss, g = elem(x[j], y[j], a, b)
-            s = sum_add(s, loss)
-            grad[j] = sc * g
+            s = sum_add(s, elem(x[j], y[j], a, b)[0])
+        for j in range(x.size):
+            grad[j] = sc * elem(x[j], y[j], a, b)[1]
         return s
     for j in range(x.size):
         xj = x[j]
