@@ -14,6 +14,7 @@ import pytest
 import reference as ref
 from lossgrad import compute
 from lossgrad.kernels import drivers
+from lossgrad.kernels import rows as row_drivers
 from lossgrad.kernels._numerics import BLOCK, compile_kernels
 from lossgrad.kernels.classification import SPARSE_LOGITS
 
@@ -441,11 +442,13 @@ def test_drivers_split_into_tasks_give_the_bits_of_one_thread():
             huber = drivers.elementwise(x, y, f8, out, grad, 1.0, drivers.HUBER, 0.5, 0.0,
                                         True, parallel, 0.0)
             rgrad = np.empty((rows if want_grad else 0, c), np.float32)
-            sparse = drivers.sparse_rows(logits, labels, f8, f8, none, rgrad, 1.0, -100, 0.1,
-                                         SPARSE_LOGITS, True, want_grad, parallel, 0.0)
+            sparse = row_drivers.sparse_rows(logits, labels, f8, f8, none, rgrad, 1.0, -100,
+                                             0.1, SPARSE_LOGITS, True, want_grad, parallel,
+                                             0.0)
             dgrad = np.empty((rows if want_grad else 0, c), np.float32)
-            dense = drivers.dense_rows(logits, probs, f8, none, dgrad, 1.0, drivers.CCE_LOGITS,
-                                       0.0, True, want_grad, parallel, 0.0)
+            dense = row_drivers.dense_rows(logits, probs, f8, none, dgrad, 1.0,
+                                           row_drivers.CCE_LOGITS, 0.0, True, want_grad,
+                                           parallel, 0.0)
             runs.append((huber, out.tobytes(), grad.tobytes(), sparse, rgrad.tobytes(), dense,
                          dgrad.tobytes()))
         assert runs[0] == runs[1]

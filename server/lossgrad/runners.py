@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import INVALID_LABELS, PARAMETER_OUT_OF_RANGE, InvalidArgumentError
 from .kernels import _numerics as nm
-from .kernels import drivers, second_order
+from .kernels import drivers, rows, second_order
 from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
 from .kernels.likelihood import GAUSSIAN_EPS
 from .request import (
@@ -163,7 +163,7 @@ def _run_dense(batch: Batch, want_grad: bool, op: int, a: float,
         return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
     linear = factor != 1.0
-    raw = drivers.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch) * factor, op,
+    raw = rows.dense_rows(batch.x, batch.t, batch.w, out, grad, _scale(batch) * factor, op,
                              a, not batch.allow_nonfinite, want_grad, _parallel(batch),
                              0.0 if linear else batch.start)
     total = batch.start + factor * raw if linear else raw
@@ -237,13 +237,13 @@ def _bce(batch: Batch, want_grad: bool) -> Result:
 def _cce(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
     logits = p["from_logits"]
-    return _run_dense(batch, want_grad, drivers.CCE_LOGITS if logits else drivers.CCE_PROBS,
+    return _run_dense(batch, want_grad, rows.CCE_LOGITS if logits else rows.CCE_PROBS,
                       p["label_smoothing"], x_unit=not logits)
 
 
 def _kl(batch: Batch, want_grad: bool) -> Result:
     log = batch.params["log_predictions"]
-    return _run_dense(batch, want_grad, drivers.KL_LOG if log else drivers.KL_PROBS, 0.0,
+    return _run_dense(batch, want_grad, rows.KL_LOG if log else rows.KL_PROBS, 0.0,
                       x_unit=not log)
 
 
@@ -266,7 +266,7 @@ def _run_sparse(batch: Batch, want_grad: bool, op: int, x_unit: bool) -> Result:
         check_nonfinite_total(batch, total, x_unit, False)
         return _result(batch, total, out, grad, hess)
     out, grad = _buffers(batch, want_grad)
-    total = drivers.sparse_rows(
+    total = rows.sparse_rows(
         batch.x, batch.t, batch.w, p["class_weight"], out, grad, _scale(batch),
         p["ignore_index"], smoothing, op,
         not batch.allow_nonfinite, want_grad, _parallel(batch), batch.start)
@@ -324,7 +324,7 @@ def _sigmoid_focal(batch: Batch, want_grad: bool) -> Result:
 
 def _softmax_focal(batch: Batch, want_grad: bool) -> Result:
     p = batch.params
-    return _run_dense(batch, want_grad, drivers.SOFTMAX_FOCAL, p["gamma"], x_unit=False,
+    return _run_dense(batch, want_grad, rows.SOFTMAX_FOCAL, p["gamma"], x_unit=False,
                       factor=p["alpha"])
 
 
@@ -380,8 +380,8 @@ RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {
     "gaussian_nll": _gaussian_nll,
     "sigmoid_focal": _sigmoid_focal,
     "softmax_focal": _softmax_focal,
-    "nll": _sparse_op(drivers.NLL),
-    "multiclass_hinge": _sparse_op(drivers.MULTICLASS_HINGE),
-    "categorical_hinge": _dense_op(drivers.CATEGORICAL_HINGE),
-    "cosine_similarity": _dense_op(drivers.COSINE_SIMILARITY),
+    "nll": _sparse_op(rows.NLL),
+    "multiclass_hinge": _sparse_op(rows.MULTICLASS_HINGE),
+    "categorical_hinge": _dense_op(rows.CATEGORICAL_HINGE),
+    "cosine_similarity": _dense_op(rows.COSINE_SIMILARITY),
 }

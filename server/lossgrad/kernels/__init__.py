@@ -1,4 +1,5 @@
-"""numba kernels, one module per loss family, run by the drivers in ``drivers.py``.
+"""numba kernels, one module per loss family, run by the drivers in ``drivers.py`` (per
+element) and ``rows.py`` (per row).
 
 numba's on-disk cache only notices edits to the file that defines a function, not to
 the helpers it inlines from other files. The cache therefore lives in a directory named

@@ -1,8 +1,8 @@
 """Drivers of the Hessian path: loss, gradient and diagonal Hessian in one pass.
 
-They mirror ``drivers.py`` (same blocks, same fixed-order sums, same op numbers, same
-poisoning of invalid inputs) and are separate kernels, so the gradient-only path is
-compiled and runs exactly as before. On top of ``grad`` they write
+They mirror ``drivers.py`` and ``rows.py`` (same blocks, same fixed-order sums, same op
+numbers, same poisoning of invalid inputs) and are separate kernels, so the gradient-only
+path is compiled and runs exactly as before. On top of ``grad`` they write
 ``hess = scale * w * clip(d^2 loss / d x^2, lo, hi)``, where ``bounds = [lo, hi]`` is how
 the engine asks for a Hessian mode: exact ``[-inf, inf]``, clipped ``[floor, inf]``,
 constant ``[c, c]``. The per-loss second derivatives sit next to their losses
@@ -34,21 +34,13 @@ from .divergence import kl_log_row_hessian, kl_probs_row_hessian
 from .drivers import (
     BCE,
     BCE_LOGITS,
-    CATEGORICAL_HINGE,
-    CCE_LOGITS,
-    CCE_PROBS,
-    COSINE_SIMILARITY,
     HINGE,
     HUBER,
-    KL_LOG,
-    KL_PROBS,
     LOG_COSH,
     MAE,
     MAPE,
     MSE,
     MSLE,
-    MULTICLASS_HINGE,
-    NLL,
     POISSON_DEVIANCE,
     POISSON_LOG,
     POISSON_RATE,
@@ -63,7 +55,6 @@ from .drivers import (
     block_views,
     loop,
     scratch_blocks,
-    scratch_rows,
 )
 from .focal import sigmoid_focal, sigmoid_focal_hessian, softmax_focal_row_hessian
 from .likelihood import (
@@ -104,6 +95,17 @@ from .robust import (
     smooth_l1,
     smooth_l1_hessian,
     zero_hessian,
+)
+from .rows import (
+    CATEGORICAL_HINGE,
+    CCE_LOGITS,
+    CCE_PROBS,
+    COSINE_SIMILARITY,
+    KL_LOG,
+    KL_PROBS,
+    MULTICLASS_HINGE,
+    NLL,
+    scratch_rows,
 )
 
 # --- elementwise ---------------------------------------------------------------------
@@ -286,7 +288,7 @@ def _dense_blocks(first, last, sums, op, x, t, w, out, grad, hess, scale, a, bou
 @kernel(lambda F: f8(In(F, 2), In(F, 2), In(f8), Out(F), Out(F, 2), Out(F, 2), f8, i8, f8,
                      In(f8), b1, b1), parallel=True)
 def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel):  # type: ignore[no-untyped-def]
-    """``drivers.dense_rows`` that also writes the Hessian to ``hess``."""
+    """``rows.dense_rows`` that also writes the Hessian to ``hess``."""
     per = max(1, BLOCK // x.shape[1])
     nb = (x.shape[0] + per - 1) // per
     sums = np.empty(nb)
@@ -369,7 +371,7 @@ def _sparse_blocks(first, last, sums, op, x, y, s, cw, total_w, out, grad, hess,
                      f8, i8, In(f8), b1, b1), parallel=True)
 def sparse_rows(x, y, s, cw, out, grad, hess, scale, ignore, smoothing, op, bounds,  # type: ignore[no-untyped-def]
                 strict, parallel):
-    """``drivers.sparse_rows`` that also writes the Hessian to ``hess``."""
+    """``rows.sparse_rows`` that also writes the Hessian to ``hess``."""
     total_w = 0.0
     for k in range(cw.size):
         total_w += cw[k]
