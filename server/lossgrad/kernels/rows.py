@@ -45,6 +45,32 @@ def scratch_rows(x):  # type: ignore[no-untyped-def]
     return np.empty(x.shape[1], dtype=x.dtype), np.empty(x.shape[1])
 
 
+@loop
+def row_span(blk, x):  # type: ignore[no-untyped-def]
+    """Rows ``lo:hi`` of row block ``blk``: ``BLOCK // C`` rows a block, at least one."""
+    per = max(1, BLOCK // x.shape[1])
+    lo = blk * per
+    return lo, min(lo + per, x.shape[0])
+
+
+@loop
+def row_block_count(x):  # type: ignore[no-untyped-def]
+    """How many row blocks the rows of ``x`` make."""
+    per = max(1, BLOCK // x.shape[1])
+    return (x.shape[0] + per - 1) // per
+
+
+@loop
+def class_weight_total(cw, c):  # type: ignore[no-untyped-def]
+    """The sum of the class weights ``cw``; C when there are none (all 1)."""
+    if cw.size == 0:
+        return float(c)
+    total = 0.0
+    for k in range(cw.size):
+        total += cw[k]
+    return total
+
+
 # --- rows against rows (dense targets) -------------------------------------------------
 
 @loop
@@ -65,9 +91,7 @@ def _dense_loop(row, x, t, w, out, grad, scale, a, strict, want_grad, e, h):  # 
 
 @numba.njit(nogil=True, error_model="numpy")
 def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad, e, h):  # type: ignore[no-untyped-def]
-    per = max(1, BLOCK // x.shape[1])
-    lo = blk * per
-    hi = min(lo + per, x.shape[0])
+    lo, hi = row_span(blk, x)
     xb, tb = x[lo:hi], t[lo:hi]
     wb = w[lo:hi] if w.size else w
     ob = out[lo:hi] if out.size else out
@@ -102,8 +126,7 @@ def _dense_blocks(first, last, sums, op, x, t, w, out, grad, scale, a, strict,  
                     f8), parallel=True)
 def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel, start):  # type: ignore[no-untyped-def]
     """Rows of predictions against rows of targets; ``grad`` is (0, C) when not wanted."""
-    per = max(1, BLOCK // x.shape[1])
-    nb = (x.shape[0] + per - 1) // per
+    nb = row_block_count(x)
     sums = np.empty(nb)
     if parallel:
         tasks = _tasks(nb)
@@ -150,9 +173,7 @@ def _sparse_loop(row, x, y, s, cw, total_w, out, grad, scale, ignore, smoothing,
 @numba.njit(nogil=True, error_model="numpy")
 def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # type: ignore[no-untyped-def]
                   smoothing, strict, want_grad, e, h):
-    per = max(1, BLOCK // x.shape[1])
-    lo = blk * per
-    hi = min(lo + per, x.shape[0])
+    lo, hi = row_span(blk, x)
     xb, yb = x[lo:hi], y[lo:hi]
     sb = s[lo:hi] if s.size else s
     ob = out[lo:hi] if out.size else out
@@ -186,13 +207,8 @@ def sparse_rows(x, y, s, cw, out, grad, scale, ignore, smoothing, op, strict,  #
                 want_grad, parallel, start):
     """Cross-entropy against class indices (see ``classification.sparse_*_row``). Rows whose
     target is ``ignore`` contribute 0; ``s`` holds per-row sample weights."""
-    total_w = 0.0
-    for k in range(cw.size):
-        total_w += cw[k]
-    if cw.size == 0:
-        total_w = float(x.shape[1])
-    per = max(1, BLOCK // x.shape[1])
-    nb = (x.shape[0] + per - 1) // per
+    total_w = class_weight_total(cw, x.shape[1])
+    nb = row_block_count(x)
     sums = np.empty(nb)
     if parallel:
         tasks = _tasks(nb)

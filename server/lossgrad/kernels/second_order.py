@@ -105,6 +105,9 @@ from .rows import (
     KL_PROBS,
     MULTICLASS_HINGE,
     NLL,
+    class_weight_total,
+    row_block_count,
+    row_span,
     scratch_rows,
 )
 
@@ -245,9 +248,7 @@ def _dense_loop(row, x, t, w, out, grad, hess, scale, a, lo, hi, strict, e, h): 
 
 @numba.njit(nogil=True, error_model="numpy")
 def _dense_block(blk, op, x, t, w, out, grad, hess, scale, a, bounds, strict, e, h):  # type: ignore[no-untyped-def]
-    per = max(1, BLOCK // x.shape[1])
-    first = blk * per
-    last = min(first + per, x.shape[0])
+    first, last = row_span(blk, x)
     xb, tb = x[first:last], t[first:last]
     wb = w[first:last] if w.size else w
     ob = out[first:last] if out.size else out
@@ -289,8 +290,7 @@ def _dense_blocks(first, last, sums, op, x, t, w, out, grad, hess, scale, a, bou
                      In(f8), b1, b1), parallel=True)
 def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel):  # type: ignore[no-untyped-def]
     """``rows.dense_rows`` that also writes the Hessian to ``hess``."""
-    per = max(1, BLOCK // x.shape[1])
-    nb = (x.shape[0] + per - 1) // per
+    nb = row_block_count(x)
     sums = np.empty(nb)
     if parallel:
         tasks = _tasks(nb)
@@ -336,9 +336,7 @@ def _sparse_loop(row, x, y, s, cw, total_w, out, grad, hess, scale, ignore, smoo
 @numba.njit(nogil=True, error_model="numpy")
 def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, hess, scale, ignore,  # type: ignore[no-untyped-def]
                   smoothing, bounds, strict, e, h):
-    per = max(1, BLOCK // x.shape[1])
-    first = blk * per
-    last = min(first + per, x.shape[0])
+    first, last = row_span(blk, x)
     xb, yb = x[first:last], y[first:last]
     sb = s[first:last] if s.size else s
     ob = out[first:last] if out.size else out
@@ -372,13 +370,8 @@ def _sparse_blocks(first, last, sums, op, x, y, s, cw, total_w, out, grad, hess,
 def sparse_rows(x, y, s, cw, out, grad, hess, scale, ignore, smoothing, op, bounds,  # type: ignore[no-untyped-def]
                 strict, parallel):
     """``rows.sparse_rows`` that also writes the Hessian to ``hess``."""
-    total_w = 0.0
-    for k in range(cw.size):
-        total_w += cw[k]
-    if cw.size == 0:
-        total_w = float(x.shape[1])
-    per = max(1, BLOCK // x.shape[1])
-    nb = (x.shape[0] + per - 1) // per
+    total_w = class_weight_total(cw, x.shape[1])
+    nb = row_block_count(x)
     sums = np.empty(nb)
     if parallel:
         tasks = _tasks(nb)
