@@ -8,7 +8,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from lossgrad.kernels._numerics import fexp_nonpositive, flog, flog1p_unit, fma
+from lossgrad.kernels._explog import fexp_nonpositive, flog, flog1p_unit
+from lossgrad.kernels._numerics import fma
 
 RNG = np.random.default_rng(3)
 

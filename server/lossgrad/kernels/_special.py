@@ -1,7 +1,7 @@
 """Float-generic math for the extended catalog: exp of any sign, log1p of any non-negative
 value, powers, and the series cut-offs of log cosh and tanh.
 
-Like ``_numerics``, everything is branch-free (selects, no libm calls), so the loops that
+Like ``_explog``, everything is branch-free (selects, no libm calls), so the loops that
 inline these functions vectorise; each runs in the float type of its argument.
 """
 
@@ -14,19 +14,8 @@ import numpy as np
 from numba import types as nt
 from numba.extending import overload
 
-from ._numerics import (
-    _ROUND_32,
-    _ROUND_64,
-    _exp32_red,
-    _exp64_red,
-    bits_f32,
-    bits_f64,
-    f32_bits,
-    f64_bits,
-    fconst,
-    flog,
-    inline,
-)
+from ._explog import _ROUND_32, _ROUND_64, _exp32_red, _exp64_red, flog
+from ._numerics import bits_f32, bits_f64, f32_bits, f64_bits, fconst, inline
 
 _EXP64_MAX = 709.782712893384  # log of the largest float64
 _EXP32_MAX = 88.72283905206835  # log of the largest float32

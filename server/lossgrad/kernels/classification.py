@@ -13,16 +13,14 @@ import numba
 import numpy as np
 from numba import types as nt
 
+from ._explog import clog, fexp_nonpositive, flog1p_unit
 from ._numerics import (
     BLOCK,
     In,
     block_sum,
     clip,
-    clog,
     f8,
     fconst,
-    fexp_nonpositive,
-    flog1p_unit,
     i8,
     inline,
     kernel,

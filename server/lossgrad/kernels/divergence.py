@@ -10,17 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numerics import (
-    block_sum,
-    clip,
-    clog,
-    fconst,
-    flog,
-    inline,
-    poison,
-    saturate,
-    unit_poison,
-)
+from ._explog import clog, flog
+from ._numerics import block_sum, clip, fconst, inline, poison, saturate, unit_poison
 
 
 @inline

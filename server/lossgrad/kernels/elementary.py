@@ -4,7 +4,7 @@ functions (``lossgrad.plugin`` re-exports them).
 PyPI's llvmlite has no SVML, so ``math.exp``, ``math.log`` or ``math.log1p`` inside a
 numba loop is a scalar libm call that keeps the loop from vectorising (a plugin's Fair
 loss with ``math.log1p`` runs tens of times slower than ``pseudo_huber``). These are
-branch-free compositions of the kernels' own exp/log (``_numerics``), which LLVM inlines
+branch-free compositions of the kernels' own exp/log (``_explog``), which LLVM inlines
 into the driver's loop. Each one:
 
 - in compiled code, runs in the float type of its argument (float32 math stays float32);
@@ -26,20 +26,16 @@ import numpy as np
 from numba import types as nt
 from numba.extending import overload
 
-from ._numerics import (
+from ._explog import (
     _ROUND_32,
     _ROUND_64,
     _exp32_red,
     _exp64_red,
-    bits_f32,
-    bits_f64,
-    f32_bits,
-    f64_bits,
-    fconst,
     fexp_nonpositive,
     flog,
     flog1p_unit,
 )
+from ._numerics import bits_f32, bits_f64, f32_bits, f64_bits, fconst
 
 __all__ = ["exp", "log", "log1p", "sigmoid", "softplus"]
 

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numerics import (
-    block_sum,
-    clip,
-    fconst,
-    fexp_nonpositive,
-    flog,
-    flog1p_unit,
-    inline,
-    unit_poison,
-)
+from ._explog import fexp_nonpositive, flog, flog1p_unit
+from ._numerics import block_sum, clip, fconst, inline, unit_poison
 from .classification import softmax_row, unnormalised
 
 

@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from ._numerics import flog, inline
+from ._explog import flog
+from ._numerics import inline
 from ._special import fexp, fpow
 
 POISSON_EPS = 1e-8  # PyTorch PoissonNLLLoss eps: log(x + eps) for rate input

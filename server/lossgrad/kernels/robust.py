@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numerics import fconst, fexp_nonpositive, flog1p_unit, inline, sign
+from ._explog import fexp_nonpositive, flog1p_unit
+from ._numerics import fconst, inline, sign
 from ._special import flog1p, series_cut
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): MAPE's divisor floor, MSLE's clamp
