@@ -268,8 +268,11 @@ def _header(command: str, started: datetime.datetime, load_start: str, elapsed_s
         layer = numba.threading_layer()  # the one a parallel kernel in this run used
     except ValueError:
         layer = os.environ.get("NUMBA_THREADING_LAYER", "threadsafe (lossgrad's default)")
+    features = (numba.config.CPU_FEATURES or "").split(",")
+    width = ("512-bit vectors (AVX-512; `LOSSGRAD_AVX512=0` keeps LLVM's 256-bit choice)"
+             if "-prefer-256-bit" in features else "LLVM's default vector width")
     lines.append(f"- **numba**: {numba.config.NUMBA_NUM_THREADS} threads, threading layer "
-                 f"{layer}")
+                 f"{layer}, {width}")
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     lines.append("- **Environment**: glibc malloc variables "
                  + (" ".join(f"{k}={v}" for k, v in malloc.items()) if malloc else "unset")
