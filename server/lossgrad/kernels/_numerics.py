@@ -88,14 +88,6 @@ def inline(fn: Callable[..., Any]) -> Any:
     return numba.njit(nogil=True, error_model="numpy")(fn)
 
 
-@numba.njit(nogil=True, error_model="numpy", fastmath={"reassoc"})
-def block_sum(v):  # type: ignore[no-untyped-def]
-    """float64 sum of one block. Re-association lets LLVM vectorise it; the order is
-    fixed by the compiled code, so the same block always gives the same bits."""
-    s = 0.0
-    for i in range(v.size):
-        s += v[i]
-    return s
 
 
 # --- float-generic constants and bit casts ----------------------------------------------
@@ -176,6 +168,16 @@ def sum_add(typingctx, s, v):  # type: ignore[no-untyped-def]
             return builder.fadd(args[0], term, flags=("reassoc",))
         return nt.float64(s, v), codegen
     return None
+
+
+@numba.njit(nogil=True, error_model="numpy")
+def block_sum(v):  # type: ignore[no-untyped-def]
+    """float64 sum of one block (``sum_add``: vectorised, in an order fixed by the
+    compiled code, so the same block always gives the same bits)."""
+    s = 0.0
+    for i in range(v.size):
+        s = sum_add(s, v[i])
+    return s
 
 
 f32_bits = _bitcast(True, 32)
