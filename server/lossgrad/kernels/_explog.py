@@ -36,7 +36,7 @@ _LOG2E = 1.4426950408889634
 _SQRT2 = 1.4142135623730951
 
 
-# Polynomial coefficients, highest power first, for ``_horner``: e^r's Taylor series to
+# Polynomial coefficients, highest power first, for ``polynomial``: e^r's Taylor series to
 # r^13 (float64), and atanh's series sum z^k / (2k + 1).
 _EXP_TAYLOR_64 = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))
 # float32: degree 6 on |r| <= ln2 / 2, fitted for the smallest largest relative error with
@@ -47,15 +47,30 @@ _EXP_MINIMAX_32 = (0.0013843603617581725, 0.008374196405918521, 0.04166800482896
 _ATANH_SERIES_64 = tuple(1.0 / (2 * k + 1) for k in range(10, -1, -1))
 
 
-def _horner_steps(x, coeffs):  # type: ignore[no-untyped-def]
-    """sum_k coeffs[k] x^(n-1-k) in the float type of x, one fused multiply-add a step."""
-    p = fconst(x, coeffs[0])
-    for k in range(1, len(coeffs)):
-        p = fma(x, p, fconst(x, coeffs[k]))
+def polynomial(coeffs):  # type: ignore[no-untyped-def]
+    """A jitted p(x) = sum_k coeffs[k] x^(n-1-k) in the float type of x: Horner's steps
+    (one fused multiply-add each), written out as a chain of small functions rather than
+    a loop over the coefficients. LLVM vectorises innermost loops only, so an element loop
+    that calls a polynomial stays scalar when the polynomial is a loop LLVM does not
+    unroll (float64 exp's 14 terms: 15 ns an element against 0.45 ns)."""
+    first = coeffs[0]
+    p = numba.njit(error_model="numpy")(lambda x: fconst(x, first))
+    for c in coeffs[1:]:
+        p = _horner_step(p, c)
     return p
 
 
-_horner = numba.njit(error_model="numpy")(_horner_steps)
+def _horner_step(inner, c):  # type: ignore[no-untyped-def]
+    @numba.njit(error_model="numpy")
+    def step(x):  # type: ignore[no-untyped-def]
+        return fma(x, inner(x), fconst(x, c))
+    return step
+
+
+_exp_taylor_64 = polynomial(_EXP_TAYLOR_64)
+_exp_minimax_32 = polynomial(_EXP_MINIMAX_32)
+_atanh_series_64 = polynomial(_ATANH_SERIES_64)
+
 _ROUND_64 = 6755399441055744.0  # 1.5 * 2^52: x + this - this rounds x to an integer
 _ROUND_32 = 12582912.0  # 1.5 * 2^23
 
@@ -64,7 +79,7 @@ def _exp64_reduced(xc):  # type: ignore[no-untyped-def]
     """(e^r, k) with xc = k ln2 + r, |r| <= ln2 / 2 (Taylor to r^13: < 1 ulp)."""
     kf = (xc * _LOG2E + _ROUND_64) - _ROUND_64
     r = xc - kf * _LN2_HI_64 - kf * _LN2_LO_64
-    return _horner(r, _EXP_TAYLOR_64), kf
+    return _exp_taylor_64(r), kf
 
 
 def _exp32_reduced(xc):  # type: ignore[no-untyped-def]
@@ -72,7 +87,7 @@ def _exp32_reduced(xc):  # type: ignore[no-untyped-def]
     does), each reduction step one fused multiply-add (kf ln2_hi is exact anyway)."""
     kf = fma(xc, np.float32(_LOG2E), np.float32(_ROUND_32)) - np.float32(_ROUND_32)
     r = fma(kf, np.float32(-_LN2_LO_32), fma(kf, np.float32(-_LN2_HI_32), xc))
-    return _horner(r, _EXP_MINIMAX_32), kf
+    return _exp_minimax_32(r), kf
 
 
 _exp64_red = numba.njit(error_model="numpy")(_exp64_reduced)
@@ -106,7 +121,7 @@ def _log64(x):  # type: ignore[no-untyped-def]
     e = e + 1 if big else e
     s = (m - 1.0) / (m + 1.0)
     z = s * s
-    p = _horner(z, _ATANH_SERIES_64)
+    p = _atanh_series_64(z)
     ef = np.float64(e)
     res = ef * _LN2_HI_64 + (2.0 * s * p + ef * _LN2_LO_64)
     res = -math.inf if x == 0.0 else res
@@ -121,11 +136,12 @@ def _log64(x):  # type: ignore[no-untyped-def]
 _LOG1P_P32 = (0.08700318065228, -0.14267470496301832, 0.14914797587290474,
               -0.16577586734955965, 0.19963061454736367, -0.2500133700456189,
               0.33333910787912635)
+_log1p_p32 = polynomial(_LOG1P_P32)
 
 
 def _log1p_reduced32(f):  # type: ignore[no-untyped-def]
     """log(1 + f) for f in the polynomial's range, each step after P one fused multiply-add."""
-    return fma(f * f, fma(f, _horner(f, _LOG1P_P32), np.float32(-0.5)), f)
+    return fma(f * f, fma(f, _log1p_p32(f), np.float32(-0.5)), f)
 
 
 _log1p_red32 = numba.njit(error_model="numpy")(_log1p_reduced32)
