@@ -88,6 +88,11 @@ def inline(fn: Callable[..., Any]) -> Any:
     return numba.njit(nogil=True, error_model="numpy")(fn)
 
 
+def loop(fn):  # type: ignore[no-untyped-def]
+    """A loop generic over the loss function it is given. Inlined into its caller while
+    numba types the code, so the loss function is a compile-time constant: the loop is
+    specialised per loss (and vectorised), and the driver stays cacheable."""
+    return numba.njit(inline="always", error_model="numpy")(fn)
 
 
 # --- float-generic constants and bit casts ----------------------------------------------

@@ -29,6 +29,7 @@ from ._numerics import (
     fconst,
     i8,
     kernel,
+    loop,
     poison,
     sum_add,
 )
@@ -49,13 +50,6 @@ from .robust import log_cosh, mape, msle, quantile, smooth_l1
 MAE, MSE, HUBER, PSEUDO_HUBER, HINGE, SQUARED_HINGE, BCE, BCE_LOGITS = range(8)
 (SMOOTH_L1, LOG_COSH, QUANTILE, MAPE, MSLE, POISSON_LOG, POISSON_RATE, TWEEDIE,
  POISSON_DEVIANCE, GAMMA_DEVIANCE, SIGMOID_FOCAL) = range(8, 19)
-
-
-def loop(fn):  # type: ignore[no-untyped-def]
-    """A loop generic over the loss function it is given. Inlined into its caller while
-    numba types the code, so the loss function is a compile-time constant: the loop is
-    specialised per loss (and vectorised), and the driver stays cacheable."""
-    return numba.njit(inline="always", error_model="numpy")(fn)
 
 
 @numba.njit(nogil=True)

@@ -9,15 +9,23 @@ from __future__ import annotations
 import numpy as np
 
 from ._explog import fexp_nonpositive, flog, flog1p_unit
-from ._numerics import block_sum, clip, fconst, inline, unit_poison
+from ._numerics import block_sum, clip, fconst, inline, loop, unit_poison
 from .classification import softmax_row, unnormalised
 
 
 @inline
 def _modulating(omp, gamma):  # type: ignore[no-untyped-def]
-    """(1 - p_t)^gamma for 1 - p_t in [0, 1] and gamma >= 0; exactly 1 for gamma = 0."""
+    """(1 - p_t)^gamma for 1 - p_t in [0, 1] and gamma >= 0; exactly 1 for gamma = 0 and
+    the product (1 - p_t)^2 for gamma = 2 (the usual choice), as ``_squared`` gives."""
+    power = fexp_nonpositive(gamma * flog(omp))
     return (fconst(omp, 1.0) if gamma == fconst(omp, 0.0)
-            else fexp_nonpositive(gamma * flog(omp)))
+            else (_squared(omp, gamma) if gamma == fconst(omp, 2.0) else power))
+
+
+@inline
+def _squared(omp, gamma):  # type: ignore[no-untyped-def]
+    """(1 - p_t)^gamma for gamma = 2, without a log and an exp per element."""
+    return omp * omp
 
 
 @inline
@@ -82,14 +90,16 @@ def sigmoid_focal_hessian(x, y, alpha, gamma):  # type: ignore[no-untyped-def]
 
 
 @inline
-def _focal_terms(x, k, m, s1, e, gamma):  # type: ignore[no-untyped-def]
-    """(p_k, 1 - p_k, log p_k, (1 - p_k)^gamma) of softmax(x) in float64. 1 - p_k at a
-    maximum is s1 / S (the sum of the other exps), so it keeps its precision near 1."""
+def _focal_terms(x, k, m, s1, lse, e, gamma, modulating=_modulating):  # type: ignore[no-untyped-def]
+    """(p_k, 1 - p_k, log p_k, (1 - p_k)^gamma) of softmax(x) in float64, given the row's
+    ``lse`` = log1p(s1) (computed once a row: a libm call in the loop keeps it scalar).
+    1 - p_k at a maximum is s1 / S (the sum of the other exps), so it keeps its precision
+    near 1. ``modulating`` gives (1 - p_k)^gamma."""
     total = 1.0 + s1
     pk = np.float64(unnormalised(e, x, m, k)) / total
     omp = s1 / total if x[k] == m else 1.0 - pk
-    logp = np.float64(x[k] - m) - np.log1p(s1)
-    return pk, omp, logp, _modulating(omp, gamma)
+    logp = np.float64(x[k] - m) - lse
+    return pk, omp, logp, modulating(omp, gamma)
 
 
 @inline
@@ -98,18 +108,27 @@ def softmax_focal_row(x, q, g, e, h, coef, gamma, strict, want_grad):  # type: i
     with from_logits, alpha applied by the caller, without its 1e-7 probability clip).
 
     Gradient v_j - p_j sum_k v_k with v_k = -q_k (1 - p_k)^gamma (1 - gamma p_k log p_k /
-    (1 - p_k)) (the second term 0 where p_k = 1).
+    (1 - p_k)) (the second term 0 where p_k = 1). gamma = 2 has loops of its own, with
+    no log and exp per class (the same values as the general loops give it).
     """
+    if gamma == 2.0:
+        return _focal_row(_squared, x, q, g, e, h, coef, gamma, strict, want_grad)
+    return _focal_row(_modulating, x, q, g, e, h, coef, gamma, strict, want_grad)
+
+
+@loop
+def _focal_row(modulating, x, q, g, e, h, coef, gamma, strict, want_grad):  # type: ignore[no-untyped-def]
     c = x.size
     m, s1 = softmax_row(x, e, e, False, strict)
+    lse = np.log1p(s1)
     for k in range(c):
-        pk, omp, logp, mod = _focal_terms(x, k, m, s1, e, gamma)
+        pk, omp, logp, mod = _focal_terms(x, k, m, s1, lse, e, gamma, modulating)
         qk = np.float64(q[k])
         h[k] = -qk * mod * logp + unit_poison(qk)
     loss = block_sum(h)
     if want_grad:
         for k in range(c):
-            pk, omp, logp, mod = _focal_terms(x, k, m, s1, e, gamma)
+            pk, omp, logp, mod = _focal_terms(x, k, m, s1, lse, e, gamma, modulating)
             ratio = logp / omp if omp > 0.0 else -1.0  # log p / (1 - p) -> -1 as p -> 1
             h[k] = -np.float64(q[k]) * mod * (1.0 - gamma * pk * ratio)
         sv = block_sum(h)
@@ -132,22 +151,23 @@ def softmax_focal_row_hessian(x, q, g, hs, e, h, coef, gamma, lo, hi,  # type: i
     loss = softmax_focal_row(x, q, g, e, h, coef, gamma, strict, True)
     c = x.size
     m, s1 = softmax_row(x, e, e, False, strict)
+    lse = np.log1p(s1)
     top = 0
     while x[top] != m and top < c - 1:
         top += 1
     sv = 0.0
     rest = 0.0  # sum of u_k over k != top
     for k in range(c):
-        pk, omp, logp, mod = _focal_terms(x, k, m, s1, e, gamma)
+        pk, omp, logp, mod = _focal_terms(x, k, m, s1, lse, e, gamma)
         qk = np.float64(q[k])
         ratio = logp / omp if omp > 0.0 else -1.0
         sv += -qk * mod * (1.0 - gamma * pk * ratio)
         if k != top:
             rest += _focal_u(qk, pk, omp, logp, mod, gamma)
-    p_top, o_top, lp_top, mod_top = _focal_terms(x, top, m, s1, e, gamma)
+    p_top, o_top, lp_top, mod_top = _focal_terms(x, top, m, s1, lse, e, gamma)
     t_top = _focal_t(np.float64(q[top]), p_top, o_top, lp_top, mod_top, gamma)
     for j in range(c):
-        pj, omp, logp, mod = _focal_terms(x, j, m, s1, e, gamma)
+        pj, omp, logp, mod = _focal_terms(x, j, m, s1, lse, e, gamma)
         qj = np.float64(q[j])
         ratio = logp / omp if omp > 0.0 else -1.0
         vj = -qj * mod * (1.0 - gamma * pj * ratio)
