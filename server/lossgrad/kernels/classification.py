@@ -321,24 +321,41 @@ def label_stats(y, c, ignore, cw, s, offset, total, acc):  # type: ignore[no-unt
 
 @kernel(lambda F: nt.Tuple((i8, i8))(In(F)))
 def signed_label_mode(t):  # type: ignore[no-untyped-def]
-    """(mode, bad index): mode 0 when all t in {-1, 1}, 1 when all in {0, 1}, -1 if neither."""
-    seen_zero = -1
-    seen_minus = -1
+    """(mode, bad index): mode 0 when all t in {-1, 1}, 1 when all in {0, 1}, -1 if neither.
+    A branch-free count first (it vectorises: random labels mispredict a branch per
+    element), then, only for labels that fail, a scan for the first offending index."""
+    zeros = 0
+    minus = 0
+    others = 0
+    for k in range(t.size):
+        v = t[k]
+        zeros += v == 0.0
+        minus += v == -1.0
+        others += (v != 0.0) & (v != -1.0) & (v != 1.0)
+    if others == 0 and (zeros == 0 or minus == 0):
+        return (1 if zeros else 0), -1
+    return -1, _first_mixed_label(t)
+
+
+@inline
+def _first_mixed_label(t):  # type: ignore[no-untyped-def]
+    """The index of the first label that is not in {-1, 0, 1}, or that mixes 0 and -1 with
+    an earlier label."""
+    seen_zero = False
+    seen_minus = False
     for k in range(t.size):
         v = t[k]
         if v == 0.0:
-            if seen_minus >= 0:
-                return -1, k
-            if seen_zero < 0:
-                seen_zero = k
+            if seen_minus:
+                return k
+            seen_zero = True
         elif v == -1.0:
-            if seen_zero >= 0:
-                return -1, k
-            if seen_minus < 0:
-                seen_minus = k
+            if seen_zero:
+                return k
+            seen_minus = True
         elif v != 1.0:
-            return -1, k
-    return (1 if seen_zero >= 0 else 0), -1
+            return k
+    return -1
 
 
 # --- rows with the diagonal Hessian (the Hessian path, ``second_order.py``) ---------------
