@@ -45,7 +45,7 @@ from servers import MALLOC_ENV, child_env
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTIONS = ("engine", "parallel", "e2e", "concurrency", "memory", "sidecar", "stream",
-            "kserve", "plugin")
+            "kserve", "plugin", "catalog")
 CHILD_TIMEOUT_S = 600
 # Before each section, wait at most this long for other processes to leave the CPUs idle.
 QUIET_WAIT_S = {False: 20.0, True: 2.0}  # by --quick
@@ -63,6 +63,7 @@ TITLES = {
     "stream": "7. Language-model logits through ComputeStream",
     "kserve": "8. Open Inference Protocol (KServe v2): perf_analyzer and the Python clients",
     "plugin": "9. Plugin losses: lossgrad's math against libm",
+    "catalog": "10. Every catalog loss against PyTorch",
 }
 
 E2E_NOTE = """\
@@ -219,6 +220,12 @@ def _plugin(quick: bool) -> tuple[str, list[str]]:
     return plugin_bench.run(quick)
 
 
+def _catalog(quick: bool) -> tuple[str, list[str]]:
+    import catalog_bench
+
+    return catalog_bench.run(quick)
+
+
 RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "engine": _engine,
     "parallel": _parallel,
@@ -229,6 +236,7 @@ RUNNERS: dict[str, Callable[[bool], tuple[str, list[str]]]] = {
     "stream": _stream,
     "kserve": _kserve,
     "plugin": _plugin,
+    "catalog": _catalog,
 }
 NEEDS_SERVICE = {"e2e", "concurrency", "memory", "sidecar", "stream", "kserve"}
 
