@@ -40,7 +40,9 @@ from .likelihood import (
     gaussian_nll,
     poisson_deviance,
     poisson_log,
+    poisson_log_plain,
     poisson_rate,
+    poisson_rate_plain,
     tweedie,
 )
 from .regression import huber, mae, mse, pseudo_huber
@@ -168,9 +170,15 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
         return _element_loop(mape, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == MSLE:
         return _element_loop(msle, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    if op == POISSON_LOG:
+    if op == POISSON_LOG:  # a: full (the Stirling term)
+        if a == 0.0:
+            return _element_loop(poisson_log_plain, xb, yb, wb, lb, ob, gb, scale, fa, fb,
+                                 strict)
         return _element_loop(poisson_log, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == POISSON_RATE:
+        if a == 0.0:
+            return _element_loop(poisson_rate_plain, xb, yb, wb, lb, ob, gb, scale, fa, fb,
+                                 strict)
         return _element_loop(poisson_rate, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == TWEEDIE:
         return _element_loop(tweedie, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)

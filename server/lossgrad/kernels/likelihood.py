@@ -41,9 +41,17 @@ def _stirling(y, full):  # type: ignore[no-untyped-def]
 def poisson_log(x, y, full, b):  # type: ignore[no-untyped-def]
     """e^x - y x for log-rate input x (PyTorch PoissonNLLLoss, log_input=True); gradient
     e^x - y. e^x overflows to +inf above log(largest float)."""
+    loss, g = poisson_log_plain(x, y, full, b)
+    return loss + _stirling(np.float64(y), full), g
+
+
+@inline
+def poisson_log_plain(x, y, full, b):  # type: ignore[no-untyped-def]
+    """``poisson_log`` without the Stirling term, for ``full`` off: no log per element
+    (the driver picks it; a select would still compute the log)."""
     xd, yd = np.float64(x), np.float64(y)
     ex = fexp(xd)
-    return ex - yd * xd + _stirling(yd, full), ex - yd
+    return ex - yd * xd, ex - yd
 
 
 @inline
@@ -54,6 +62,14 @@ def poisson_rate(x, y, full, b):  # type: ignore[no-untyped-def]
     u = xd + POISSON_EPS
     loss = xd - yd * flog(u) + _stirling(yd, full) + _nan_if(xd < 0.0)
     return loss, 1.0 - yd / u
+
+
+@inline
+def poisson_rate_plain(x, y, full, b):  # type: ignore[no-untyped-def]
+    """``poisson_rate`` without the Stirling term, for ``full`` off: one log per element."""
+    xd, yd = np.float64(x), np.float64(y)
+    u = xd + POISSON_EPS
+    return xd - yd * flog(u) + _nan_if(xd < 0.0), 1.0 - yd / u
 
 
 @inline
