@@ -67,6 +67,21 @@ def flog1p(v):  # type: ignore[no-untyped-def]
     return v if d == fconst(v, 0.0) else flog(w) + (v - d) / w
 
 
+def flog1p_of(v: float, like: Any) -> float:
+    """log(1 + v) in float64 for v >= 1e-7 holding a value of ``like``'s float type. A
+    float32 value's 1 + v is exact in float64 below 2^53 (and above, off by less than
+    the log's rounding), so its log is already ``flog1p``'s result, without the
+    correction's division; a float64 value takes ``flog1p``."""
+    return math.log1p(v)
+
+
+@overload(flog1p_of)
+def _flog1p_of(v, like):  # type: ignore[no-untyped-def]
+    if like == nt.float32:
+        return lambda v, like: flog(1.0 + v)
+    return lambda v, like: flog1p(v)
+
+
 @inline
 def fpow(v, q):  # type: ignore[no-untyped-def]
     """v^q for v >= 0 as e^(q log v): 0^q = 0 for q > 0 and +inf for q < 0."""
