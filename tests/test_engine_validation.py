@@ -277,6 +277,30 @@ def test_lean_losses_still_reject_every_nonfinite_input(loss, dtype, bad, where)
         assert str(k) in info.value.field
 
 
+@pytest.mark.parametrize("loss", ["hinge", "squared_hinge"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("labels", "bad", "value"), [
+    ("signed", 54_321, 0.5),  # not a label at all
+    ("signed", 54_321, 0.0),  # 0 among -1/1
+    ("binary", 60_000, -1.0),  # -1 among 0/1
+    ("signed", 69_999, np.nan),
+])
+def test_hinge_labels_name_the_first_offending_index(loss, dtype, labels, bad, value):
+    """The label check counts without branches, then scans only labels that fail: the
+    error must still name the first offending index, in a long array of random labels."""
+    rng = np.random.default_rng(11)
+    low = -1.0 if labels == "signed" else 0.0
+    y = rng.choice(np.array([low, 1.0]), 70_000).astype(dtype)
+    y[bad] = value
+    x = rng.standard_normal(70_000).astype(dtype)
+    with pytest.raises(InvalidArgumentError) as info:
+        compute(loss, x, y)
+    assert info.value.reason == INVALID_LABELS
+    assert info.value.field == f"targets.data[{bad}]"
+    for ok in (y[:bad], np.abs(y[:bad])):  # the labels before it are valid either way
+        assert np.isfinite(float(compute(loss, x[:bad], ok).loss))
+
+
 def test_result_is_the_frozen_dataclass_with_every_field():
     """``compute`` builds its Result without the dataclass constructor: it must still be
     a frozen Result, equal to one built by the constructor, with every field."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from lossgrad.kernels._explog import fexp_nonpositive, flog, flog1p_unit
-from lossgrad.kernels._numerics import fma
+from lossgrad.kernels._explog import fexp_nonpositive, flog, flog1p_unit, polynomial
+from lossgrad.kernels._numerics import fconst, fma
+from lossgrad.kernels._special import flog1p, flog1p_of
 
 RNG = np.random.default_rng(3)
 
@@ -98,3 +99,52 @@ def test_fma_rounds_once(dtype: type, bits: int) -> None:
     assert fused == u * u
     assert separate == dtype(0.0)
 
+
+
+@numba.njit
+def _horner_loop(x, coeffs):  # type: ignore[no-untyped-def]
+    p = fconst(x, coeffs[0])
+    for k in range(1, len(coeffs)):
+        p = fma(x, p, fconst(x, coeffs[k]))
+    return p
+
+
+_COEFFS = tuple(float(c) for c in RNG.standard_normal(14))
+_POLY = polynomial(_COEFFS)
+
+
+@numba.njit
+def _apply_polynomial(a, out, loop):  # type: ignore[no-untyped-def]
+    for i in range(a.size):
+        out[i] = _horner_loop(a[i], _COEFFS) if loop else _POLY(a[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_polynomial_is_the_horner_loop_written_out(dtype: type) -> None:
+    """``polynomial`` writes Horner's steps out so that element loops vectorise; its bits
+    must be those of the loop over the coefficients."""
+    a = RNG.uniform(-2.0, 2.0, 10_000).astype(dtype)
+    written, looped = np.empty_like(a), np.empty_like(a)
+    _apply_polynomial(a, written, False)
+    _apply_polynomial(a, looped, True)
+    assert written.tobytes() == looped.tobytes()
+
+
+@numba.njit
+def _log1p_both(a, like):  # type: ignore[no-untyped-def]
+    out = np.empty((2, a.size))
+    for i in range(a.size):
+        out[0, i] = flog1p_of(a[i], like)
+        out[1, i] = flog1p(a[i])
+    return out
+
+
+def test_log1p_of_float32_values_is_flog1p() -> None:
+    """MSLE takes log(1 + v) for float32 inputs (v >= 1e-7, in float64), skipping
+    flog1p's correction: it must give flog1p's bits, from the clamp to float32's largest."""
+    v = np.concatenate([RNG.uniform(1e-7, 1e-3, 100_000), RNG.uniform(0.0, 10.0, 100_000),
+                        np.exp(RNG.uniform(-16.0, 88.0, 100_000)),
+                        [2.0**24, 2.0**53, 2.0**60, float(np.finfo(np.float32).max)]])
+    v = np.maximum(v.astype(np.float32).astype(np.float64), 1e-7)
+    both = _log1p_both(v, np.float32(1.0))
+    assert both[0].tobytes() == both[1].tobytes()
