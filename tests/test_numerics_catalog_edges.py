@@ -147,6 +147,20 @@ def test_tweedie_special_powers(dtype):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("power", (1.5, 3.0, -0.5))
+def test_tweedie_gradient_keeps_precision_near_its_minimum(power):
+    """The gradient 2 mu^-p (mu - y) is formed from mu - y: with y within 1e-6 relative of
+    mu, computing it as 2 (mu^(1-p) - y mu^(1-p) / mu) would keep about 7 digits; against
+    an 80-bit long double reference it must keep float64's."""
+    rng = _rng("tweedie-near", power)
+    mu = rng.uniform(0.5, 3.0, size=2000)
+    y = mu * (1.0 + rng.uniform(-1e-6, 1e-6, size=2000))
+    g = compute("tweedie", mu, y, power=power, reduction="sum").gradient
+    ml, yl = mu.astype(np.longdouble), y.astype(np.longdouble)
+    want = 2 * ml ** -np.longdouble(power) * (ml - yl)
+    assert float(np.max(np.abs((g - want) / want))) < 1e-13
+
+
 def test_gaussian_variance_clamp():
     # v = max(var, 1e-6): var = 0 is allowed; both gradients at the clamped v (PyTorch).
     eps = 1e-6
