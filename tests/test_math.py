@@ -11,6 +11,7 @@ import pytest
 from lossgrad.kernels._explog import fexp_nonpositive, flog, flog1p_unit, polynomial
 from lossgrad.kernels._numerics import fconst, fma
 from lossgrad.kernels._special import flog1p, flog1p_of
+from lossgrad.kernels.multiclass import _first_max
 
 RNG = np.random.default_rng(3)
 
@@ -148,3 +149,41 @@ def test_log1p_of_float32_values_is_flog1p() -> None:
     v = np.maximum(v.astype(np.float32).astype(np.float64), 1e-7)
     both = _log1p_both(v, np.float32(1.0))
     assert both[0].tobytes() == both[1].tobytes()
+
+
+@numba.njit
+def _first_max_rows(v, skip):  # type: ignore[no-untyped-def]
+    out = np.empty((v.shape[0], 2))
+    for i in range(v.shape[0]):
+        at, best = _first_max(v[i], skip[i])
+        out[i, 0] = at
+        out[i, 1] = best
+    return out
+
+
+def _first_max_reference(row: np.ndarray, skip: int) -> tuple[int, float]:
+    candidates = [k for k in range(row.size) if k != skip]
+    if not candidates:
+        return -1, -np.inf
+    numbers = [k for k in candidates if not np.isnan(row[k])]
+    if not numbers:
+        return candidates[0], float(row[candidates[0]])
+    best = max(float(row[k]) for k in numbers)
+    return next(k for k in numbers if row[k] == best), best
+
+
+@pytest.mark.parametrize("classes", [1, 2, 10, 15, 16, 17, 1000])
+def test_first_max_of_short_and_long_rows(classes: int) -> None:
+    """The hinges' argmax: a scalar scan below 16 classes, two vector passes from 16 on.
+    Both must give the first index of the largest value over k != skip, passing over NaNs
+    (a row of NaNs gives its first candidate), with ties and -inf rows."""
+    rows = RNG.integers(-3, 4, size=(300, classes)).astype(np.float64)  # many ties
+    rows[::7] = -np.inf
+    rows[1::11, 0] = np.nan
+    rows[2::13] = np.nan
+    skip = RNG.integers(-1, classes, size=300)
+    got = _first_max_rows(rows, skip)
+    for i in range(300):
+        at, best = _first_max_reference(rows[i], int(skip[i]))
+        assert got[i, 0] == at, (i, rows[i], skip[i])
+        assert got[i, 1] == best or (np.isnan(best) and np.isnan(got[i, 1]))

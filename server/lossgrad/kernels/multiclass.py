@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._numerics import block_sum, clip, fconst, inline, poison
+from ._numerics import block_sum, clip, fconst, inline, maxnum, poison
 
 COSINE_EPSILON = 1e-7  # keras.ops.normalize: x / max(||x||, 1e-7)
 
@@ -52,17 +52,33 @@ def nll_row(x, yi, cw, total_w, g, e, h, coef, smoothing, strict,  # type: ignor
     return loss
 
 
+_SHORT_ROW = 16  # rows shorter than this find their max in one scalar scan
+
+
 @inline
 def _first_max(v, skip):  # type: ignore[no-untyped-def]
-    """(index, value) of the first largest v_k over k != skip; (-1, -inf) if none."""
-    best = -math.inf
-    at = -1
+    """(index, value) of the first largest v_k over k != skip; (-1, -inf) if none. NaNs
+    are passed over (a row of them gives its first candidate; a strict call has already
+    made its loss NaN). Two passes that vectorise, a running ``maxnum`` and then the
+    first index holding the max, rather than one branching scan."""
+    first = 1 if skip == 0 else 0
+    if first >= v.size:
+        return -1, -math.inf
+    best = np.float64(v[first])
+    if v.size < _SHORT_ROW:  # too short for a vector: one scan, the same result
+        at = first
+        for k in range(first + 1, v.size):
+            vk = np.float64(v[k])
+            if k != skip and (vk > best or (best != best and vk == vk)):
+                best = vk
+                at = k
+        return at, best
     for k in range(v.size):
-        vk = np.float64(v[k])
-        if k != skip and (vk > best or at < 0):
-            best = vk
-            at = k
-    return at, best
+        best = maxnum(best, np.float64(v[k]) if k != skip else best)
+    at = v.size
+    for k in range(v.size):
+        at = min(at, k if (np.float64(v[k]) == best) & (k != skip) else v.size)
+    return (first, best) if at == v.size else (at, best)
 
 
 @inline
