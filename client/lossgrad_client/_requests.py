@@ -108,13 +108,15 @@ def compute_request(
         raise InvalidArgumentError(
             f"loss: expected a loss name, got {type(loss).__name__}", field="loss")
     code = _reduction(reduction)
-    loss_params = pb.LossParams()
-    _set_params(loss_params, params)
+    loss_params = None
+    if params:  # most calls have none: no message to build
+        loss_params = pb.LossParams()
+        _set_params(loss_params, params)
     return ComputeRequest(
         loss=loss,
         reduction=code,
         allow_nonfinite=bool(allow_nonfinite),
-        params=loss_params if loss_params.ListFields() else None,
+        params=loss_params if loss_params is not None and loss_params.ListFields() else None,
         predictions=to_tensor(predictions, "predictions"),
         targets=to_tensor(targets, "targets"),
         sample_weight=None if sample_weight is None else to_tensor(sample_weight,
