@@ -17,8 +17,9 @@ import numpy as np
 from .errors import INVALID_LABELS, PARAMETER_OUT_OF_RANGE, InvalidArgumentError
 from .kernels import _numerics as nm
 from .kernels import drivers, rows, second_order
-from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS, signed_label_mode
+from .kernels.classification import SPARSE_LOGITS, SPARSE_PROBS
 from .kernels.likelihood import GAUSSIAN_EPS
+from .kernels.margin import signed_label_mode
 from .request import (
     Batch,
     Bound,

@@ -33,7 +33,7 @@ from ._numerics import (
     poison,
     sum_add,
 )
-from .classification import bce, bce_logits, hinge, squared_hinge
+from .classification import bce, bce_logits
 from .focal import sigmoid_focal
 from .likelihood import (
     gamma_deviance,
@@ -45,6 +45,7 @@ from .likelihood import (
     poisson_rate_plain,
     tweedie,
 )
+from .margin import hinge, squared_hinge
 from .regression import huber, mae, mse, pseudo_huber
 from .robust import log_cosh, mape, msle, quantile, smooth_l1
 

@@ -23,12 +23,8 @@ from .classification import (
     bce_logits_hessian,
     cce_logits_row_hessian,
     cce_probs_row_hessian,
-    hinge,
-    hinge_hessian,
     sparse_logits_row_hessian,
     sparse_probs_row_hessian,
-    squared_hinge,
-    squared_hinge_hessian,
 )
 from .divergence import kl_log_row_hessian, kl_probs_row_hessian
 from .drivers import (
@@ -69,6 +65,7 @@ from .likelihood import (
     tweedie,
     tweedie_hessian,
 )
+from .margin import hinge, hinge_hessian, squared_hinge, squared_hinge_hessian
 from .multiclass import (
     categorical_hinge_row_hessian,
     cosine_similarity_row_hessian,
