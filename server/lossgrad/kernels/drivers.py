@@ -34,7 +34,7 @@ from ._numerics import (
     sum_add,
 )
 from .classification import bce, bce_logits
-from .focal import sigmoid_focal
+from .focal import sigmoid_focal, sigmoid_focal_squared
 from .likelihood import (
     gamma_deviance,
     gaussian_nll,
@@ -187,6 +187,9 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
         return _element_loop(poisson_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == GAMMA_DEVIANCE:
         return _element_loop(gamma_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
+    if b == 2.0:  # b: gamma
+        return _element_loop(sigmoid_focal_squared, xb, yb, wb, lb, ob, gb, scale, fa, fb,
+                             strict)
     return _element_loop(sigmoid_focal, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
 
 
