@@ -74,11 +74,11 @@ def _first_max(v, skip):  # type: ignore[no-untyped-def]
                 at = k
         return at, best
     for k in range(v.size):
-        best = maxnum(best, np.float64(v[k]) if k != skip else best)
+        best = maxnum(best, np.float64(v[k]) if k != skip else -math.inf)
     at = v.size
     for k in range(v.size):
         at = min(at, k if (np.float64(v[k]) == best) & (k != skip) else v.size)
-    return (first, best) if at == v.size else (at, best)
+    return (first, np.float64(v[first])) if at == v.size else (at, best)  # none: all NaN
 
 
 @inline

@@ -96,6 +96,13 @@ def _dense_block(blk, op, x, t, w, out, grad, scale, a, strict, want_grad, e, h)
     wb = w[lo:hi] if w.size else w
     ob = out[lo:hi] if out.size else out
     gb = grad[lo:hi] if want_grad else grad
+    if strict and want_grad:  # the usual call, its flags as constants (see _sparse_block)
+        return _dense_ops(op, xb, tb, wb, ob, gb, scale, a, True, True, e, h)
+    return _dense_ops(op, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
+
+
+@loop
+def _dense_ops(op, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h):  # type: ignore[no-untyped-def]
     if op == CCE_LOGITS:
         return _dense_loop(cce_logits_row, xb, tb, wb, ob, gb, scale, a, strict, want_grad, e, h)
     if op == CCE_PROBS:
@@ -178,6 +185,18 @@ def _sparse_block(blk, op, x, y, s, cw, total_w, out, grad, scale, ignore,  # ty
     sb = s[lo:hi] if s.size else s
     ob = out[lo:hi] if out.size else out
     gb = grad[lo:hi] if want_grad else grad
+    if strict and want_grad and smoothing == 0.0:
+        # The usual call, its flags as constants: LLVM then drops their checks from the
+        # rows' loops, which short rows pay for (softmax CE 256x10: 124 -> 78 ns a row).
+        return _sparse_ops(op, xb, yb, sb, cw, total_w, ob, gb, scale, ignore, 0.0, True,
+                           True, e, h)
+    return _sparse_ops(op, xb, yb, sb, cw, total_w, ob, gb, scale, ignore, smoothing, strict,
+                       want_grad, e, h)
+
+
+@loop
+def _sparse_ops(op, xb, yb, sb, cw, total_w, ob, gb, scale, ignore, smoothing, strict,  # type: ignore[no-untyped-def]
+                want_grad, e, h):
     if op == SPARSE_LOGITS:
         return _sparse_loop(sparse_logits_row, xb, yb, sb, cw, total_w, ob, gb, scale, ignore,
                             smoothing, strict, want_grad, e, h)
