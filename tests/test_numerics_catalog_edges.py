@@ -46,6 +46,30 @@ def test_smooth_l1_beta_zero_is_l1(dtype):
     assert a.gradient.tobytes() == b.gradient.tobytes()  # sign(r), 0 at r = 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_smooth_l1_kernel_at_beta_one_is_the_huber_kernel(dtype):
+    """The engine runs smooth L1 with beta = 1 on the Huber kernel (delta = 1): the two
+    kernels must agree bit for bit there, the Hessian's too, at and around the kink."""
+    from lossgrad.kernels import drivers, second_order
+
+    rng = _rng("smooth-l1-huber", np.dtype(dtype).name)
+    x = np.concatenate([rng.normal(0.0, 2.0, 70_000), [1.0, -1.0, 0.0]]).astype(dtype)
+    y = np.concatenate([rng.normal(0.0, 2.0, 70_000), [0.0, 0.0, 0.0]]).astype(dtype)
+    w, none = np.empty(0), np.empty(0, dtype)
+    for parallel in (False, True):
+        grads, hess, totals = [], [], []
+        for op in (drivers.SMOOTH_L1, drivers.HUBER):
+            g = np.empty_like(x)
+            totals.append(drivers.elementwise(x, y, w, none, g, 0.5, op, 1.0, 0.0, True,
+                                              parallel, 0.0))
+            grads.append(g.tobytes())
+            h, g2 = np.empty_like(x), np.empty_like(x)
+            second_order.elementwise(x, y, w, none, g2, h, 0.5, op, 1.0, 0.0,
+                                     np.array([-np.inf, np.inf]), True, parallel)
+            hess.append(h.tobytes())
+        assert totals[0] == totals[1] and grads[0] == grads[1] and hess[0] == hess[1]
+
+
 def test_smooth_l1_table_and_kink():
     # Section 7: r = 2.5, beta = 2 -> SmoothL1 1.5 (= Huber / beta); gradient sign(r) = 1.
     r = compute("smooth_l1", np.array([2.5]), np.array([0.0]), beta=2.0)

@@ -181,6 +181,15 @@ def _elementwise(op: int, *names: str) -> Callable[[Batch, bool], Result]:
     return run
 
 
+def _smooth_l1(batch: Batch, want_grad: bool) -> Result:
+    """beta = 1 (the default) is Huber with delta = 1 step for step (0.5 r^2 / 1, |r| - 1/2,
+    r / 1, and the same Hessian): its kernel, without smooth L1's two divisions an element."""
+    beta = batch.params["beta"]
+    if beta == 1.0:
+        return _run_elementwise(batch, want_grad, drivers.HUBER, 1.0)
+    return _run_elementwise(batch, want_grad, drivers.SMOOTH_L1, beta)
+
+
 def _rmse(batch: Batch, want_grad: bool) -> Result:
     """sqrt of mse under the same reduction; per position sqrt(w r^2) = sqrt(w) |r|."""
     if batch.reduction is Reduction.NONE:
@@ -371,7 +380,7 @@ RUNNERS: dict[str, Callable[[Batch, bool], Result]] = {
     "categorical_cross_entropy": _cce,
     "sparse_categorical_cross_entropy": _sparse,
     "kl_divergence": _kl,
-    "smooth_l1": _elementwise(drivers.SMOOTH_L1, "beta"),
+    "smooth_l1": _smooth_l1,
     "log_cosh": _elementwise(drivers.LOG_COSH),
     "quantile": _elementwise(drivers.QUANTILE, "quantile"),
     "mape": _elementwise(drivers.MAPE),
