@@ -190,23 +190,18 @@ def inputs(kind: str, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
         return normal(), normal(), rng.uniform(0.5, 2.0, shape).astype(np.float32)
     labels = rng.integers(0, shape[-1], size=shape[:-1], dtype=np.int64)
     logits = normal()
-    if kind == "labels":
-        return logits, labels
-    if kind == "labels_probabilities":
-        return _softmax(logits), labels
-    if kind == "labels_log_probabilities":
-        return np.log(_softmax(logits)), labels
-    soft = _softmax(rng.standard_normal(shape, dtype=np.float32))
-    if kind == "soft":
-        return logits, soft
-    if kind == "soft_probabilities":
-        return _softmax(logits), soft
-    if kind == "soft_log_probabilities":
-        return np.log(_softmax(logits)), soft
     if kind == "one_hot":
         return logits, np.eye(shape[-1], dtype=np.float32)[labels]
     if kind == "vectors":
         return logits, normal()
+    soft = _softmax(rng.standard_normal(shape, dtype=np.float32))
+    # "labels" / "soft" targets, after "_" the predictions' form (logits when none)
+    targets, _, form = kind.partition("_")
+    forms: dict[str, Callable[[], np.ndarray]] = {
+        "": lambda: logits, "probabilities": lambda: _softmax(logits),
+        "log_probabilities": lambda: np.log(_softmax(logits))}
+    if targets in ("labels", "soft") and form in forms:
+        return forms[form](), labels if targets == "labels" else soft
     raise ValueError(f"unknown inputs {kind!r}")
 
 

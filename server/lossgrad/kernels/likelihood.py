@@ -58,10 +58,8 @@ def poisson_log_plain(x, y, full, b):  # type: ignore[no-untyped-def]
 def poisson_rate(x, y, full, b):  # type: ignore[no-untyped-def]
     """x - y log(x + 1e-8) for rate input x >= 0 (PyTorch PoissonNLLLoss,
     log_input=False); gradient 1 - y / (x + 1e-8)."""
-    xd, yd = np.float64(x), np.float64(y)
-    u = xd + POISSON_EPS
-    loss = xd - yd * flog(u) + _stirling(yd, full) + _nan_if(xd < 0.0)
-    return loss, 1.0 - yd / u
+    loss, g = poisson_rate_plain(x, y, full, b)
+    return loss + _stirling(np.float64(y), full), g
 
 
 @inline
