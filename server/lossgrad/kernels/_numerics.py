@@ -235,6 +235,28 @@ def poison(v):  # type: ignore[no-untyped-def]
 
 
 @inline
+def nonfinite(v):  # type: ignore[no-untyped-def]
+    """Whether v is NaN or +-Inf, as a bool to count: a loop's count of them vectorises,
+    where a float sum of ``poison`` would not (and would need scratch)."""
+    return (v - v) != fconst(v, 0.0)
+
+
+@inline
+def outside_unit(v):  # type: ignore[no-untyped-def]
+    """Whether v is outside [0, 1] or NaN (``unit_poison`` as a bool to count)."""
+    return not ((v >= fconst(v, 0.0)) & (v <= fconst(v, 1.0)))
+
+
+@inline
+def vector_poison(x):  # type: ignore[no-untyped-def]
+    """NaN when x holds a NaN or +-Inf, else 0: ``poison`` over a whole vector."""
+    bad = 0
+    for k in range(x.size):
+        bad += nonfinite(x[k])
+    return math.nan if bad else 0.0
+
+
+@inline
 def unit_poison(v):  # type: ignore[no-untyped-def]
     """0 for v in [0, 1], NaN otherwise (and for NaN): marks a bad probability."""
     inside = (v >= fconst(v, 0.0)) & (v <= fconst(v, 1.0))

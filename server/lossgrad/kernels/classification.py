@@ -9,6 +9,8 @@ Invalid inputs make the returned loss NaN (see ``_numerics.poison``).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from numba import types as nt
@@ -24,6 +26,7 @@ from ._numerics import (
     i8,
     inline,
     maxnum,
+    outside_unit,
     poison,
     saturate,
     unit_poison,
@@ -227,16 +230,18 @@ def sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: igno
     (PyTorch NLLLoss of the floored log)."""
     c = x.size
     has_cw = cw.size > 0
-    for k in range(c):
-        e[k] = unit_poison(x[k])
-    bad = block_sum(e)  # NaN if a value is outside [0, 1] or not finite
-    wy = cw[yi] if has_cw else 1.0
-    spread = smoothing / c
-    lv, dlv = clog(x[yi])
-    loss = -(1.0 - smoothing) * wy * lv + bad
+    bad = 0  # values outside [0, 1] or not finite, counted along the gradient's stores
     if want_grad:
         for k in range(c):
             g[k] = fconst(x, 0.0)
+            bad += outside_unit(x[k])
+    else:
+        for k in range(c):
+            bad += outside_unit(x[k])
+    wy = cw[yi] if has_cw else 1.0
+    spread = smoothing / c
+    lv, dlv = clog(x[yi])
+    loss = -(1.0 - smoothing) * wy * lv + (math.nan if bad else 0.0)
     if smoothing > 0.0:
         b = fconst(x, coef * spread)
         for k in range(c):

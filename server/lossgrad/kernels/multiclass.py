@@ -13,19 +13,15 @@ import math
 
 import numpy as np
 
-from ._numerics import block_sum, clip, fconst, inline, maxnum, poison
+from ._numerics import block_sum, clip, fconst, inline, maxnum, nonfinite, vector_poison
 
 COSINE_EPSILON = 1e-7  # keras.ops.normalize: x / max(||x||, 1e-7)
 
 
 @inline
-def _row_poison(x, e, strict):  # type: ignore[no-untyped-def]
-    """NaN when the row holds a NaN/Inf and ``strict``, else 0 (``e`` is scratch)."""
-    if not strict:
-        return 0.0
-    for k in range(x.size):
-        e[k] = poison(x[k])
-    return block_sum(e)
+def _row_poison(x, strict):  # type: ignore[no-untyped-def]
+    """NaN when the row holds a NaN/Inf and ``strict``, else 0."""
+    return vector_poison(x) if strict else 0.0
 
 
 @inline
@@ -40,15 +36,21 @@ def nll_row(x, yi, cw, total_w, g, e, h, coef, smoothing, strict,  # type: ignor
     has_cw = cw.size > 0
     wy = cw[yi] if has_cw else 1.0
     spread = smoothing / c
-    loss = -(1.0 - smoothing) * wy * np.float64(x[yi]) + _row_poison(x, e, strict)
+    if want_grad:  # the input check rides along the gradient's stores: one pass, not two
+        bad = 0
+        for k in range(c):
+            g[k] = fconst(x, -coef * spread * (cw[k] if has_cw else 1.0))
+            if strict:
+                bad += nonfinite(x[k])
+        g[yi] -= fconst(x, coef * (1.0 - smoothing) * wy)
+        poisoned = math.nan if bad else 0.0
+    else:
+        poisoned = _row_poison(x, strict)
+    loss = -(1.0 - smoothing) * wy * np.float64(x[yi]) + poisoned
     if smoothing > 0.0:
         for k in range(c):
             h[k] = (cw[k] if has_cw else 1.0) * np.float64(x[k])
         loss -= spread * block_sum(h)
-    if want_grad:
-        for k in range(c):
-            g[k] = fconst(x, -coef * spread * (cw[k] if has_cw else 1.0))
-        g[yi] -= fconst(x, coef * (1.0 - smoothing) * wy)
     return loss
 
 
@@ -100,7 +102,7 @@ def multiclass_hinge_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: 
         if active:
             g[at] = fconst(x, coef * wy)
             g[yi] = fconst(x, -coef * wy)
-    return wy * (margin if active else 0.0) + _row_poison(x, e, strict)
+    return wy * (margin if active else 0.0) + _row_poison(x, strict)
 
 
 @inline
@@ -126,7 +128,7 @@ def categorical_hinge_row(x, t, g, e, h, coef, unused, strict, want_grad):  # ty
             g[k] = -cf * t[k]
         if active:
             g[at] += fconst(x, coef * (1.0 - np.float64(t[at])))
-    return (margin if active else 0.0) + _row_poison(t, e, strict) + _row_poison(x, e, strict)
+    return (margin if active else 0.0) + _row_poison(t, strict) + _row_poison(x, strict)
 
 
 @inline
@@ -156,7 +158,7 @@ def cosine_similarity_row(x, t, g, e, h, coef, unused, strict, want_grad):  # ty
         b = fconst(x, coef * loss / (nx * nx) if sxx > floor else 0.0)  # -cos / ||x||^2
         for k in range(x.size):
             g[k] = a * t[k] - b * x[k]
-    return loss + _row_poison(t, e, strict) + _row_poison(x, e, strict)
+    return loss + _row_poison(t, strict) + _row_poison(x, strict)
 
 
 # --- with the diagonal Hessian (``second_order.py``) ----------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._numerics import BLOCK, In, Out, b1, block_sum, f8, i8, kernel, poison
+from ._numerics import BLOCK, In, Out, b1, f8, i8, kernel, vector_poison
 from .classification import (
     SPARSE_LOGITS,
     SPARSE_PROBS,
@@ -150,7 +150,6 @@ def dense_rows(x, t, w, out, grad, scale, op, a, strict, want_grad, parallel, st
 @loop
 def _sparse_loop(row, x, y, s, cw, total_w, out, grad, scale, ignore, smoothing,  # type: ignore[no-untyped-def]
                  strict, want_grad, e, h):
-    c = x.shape[1]
     has_s = s.size > 0
     want_out = out.size > 0
     acc = 0.0
@@ -158,11 +157,8 @@ def _sparse_loop(row, x, y, s, cw, total_w, out, grad, scale, ignore, smoothing,
         yi = y[i]
         gi = grad[i] if want_grad else e
         if yi == ignore:
-            if strict:
-                xi = x[i]
-                for k in range(c):  # an ignored row still has to hold valid numbers
-                    e[k] = poison(xi[k])
-                acc += block_sum(e)
+            if strict:  # an ignored row still has to hold valid numbers
+                acc += vector_poison(x[i])
             if want_out:
                 out[i] = 0.0
             if want_grad:

@@ -14,7 +14,20 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._numerics import BLOCK, In, Out, b1, block_sum, clip, f8, fconst, i8, kernel, poison
+from ._numerics import (
+    BLOCK,
+    In,
+    Out,
+    b1,
+    block_sum,
+    clip,
+    f8,
+    fconst,
+    i8,
+    kernel,
+    poison,
+    vector_poison,
+)
 from .classification import (
     SPARSE_LOGITS,
     bce,
@@ -304,18 +317,14 @@ def dense_rows(x, t, w, out, grad, hess, scale, op, a, bounds, strict, parallel)
 @loop
 def _sparse_loop(row, x, y, s, cw, total_w, out, grad, hess, scale, ignore, smoothing,  # type: ignore[no-untyped-def]
                  lo, hi, strict, e, h):
-    c = x.shape[1]
     has_s = s.size > 0
     want_out = out.size > 0
     acc = 0.0
     for i in range(x.shape[0]):
         yi = y[i]
         if yi == ignore:
-            if strict:
-                xi = x[i]
-                for k in range(c):  # an ignored row still has to hold valid numbers
-                    e[k] = poison(xi[k])
-                acc += block_sum(e)
+            if strict:  # an ignored row still has to hold valid numbers
+                acc += vector_poison(x[i])
             if want_out:
                 out[i] = 0.0
             grad[i][:] = 0.0
