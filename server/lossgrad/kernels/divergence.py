@@ -8,10 +8,14 @@ to p, and float32 terms would lose the result's leading digits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._explog import clog, flog
-from ._numerics import block_sum, clip, fconst, inline, poison, saturate, unit_poison
+from ._numerics import LOG_FLOOR, block_sum, clip, fconst, inline, poison, saturate, unit_poison
+
+_FLOOR_ARG = math.exp(LOG_FLOOR)  # log q is floored at or below this q
 
 
 @inline
@@ -22,14 +26,22 @@ def _xlogx(p):  # type: ignore[no-untyped-def]
 
 @inline
 def kl_probs_row(q, p, g, e, h, coef, unused, strict, want_grad):  # type: ignore[no-untyped-def]
-    """Predictions are probabilities q; log q is floored at -100. Gradient -p / q."""
+    """Predictions are probabilities q; log q is floored at -100. Gradient -p / q.
+
+    A term is p log(p / q): one log and one division an element (the quotient is also
+    the gradient), where log p - log q takes two logs; near q = p its rounding error no
+    longer grows with |log p|. Where the floor is active (q <= e^-100) the term is
+    p (log p + 100) and the gradient 0."""
     for k in range(q.size):
         pk = np.float64(p[k])
-        lq, dlq = clog(np.float64(q[k]))
-        h[k] = (_xlogx(pk) - (pk * lq if pk != 0.0 else 0.0)
-                + unit_poison(pk) + unit_poison(np.float64(q[k])))
+        qk = np.float64(q[k])
+        floored = not (qk > _FLOOR_ARG)  # and NaN, which the poison catches
+        ratio = pk / qk
+        lr = flog(pk if floored else ratio) - (LOG_FLOOR if floored else 0.0)
+        h[k] = (pk * lr if pk != 0.0 else 0.0) + unit_poison(pk) + unit_poison(qk)
         if want_grad:
-            g[k] = saturate(-coef * pk * dlq, q) if pk != 0.0 else fconst(q, 0.0)
+            g[k] = (saturate(-coef * (0.0 if floored else ratio), q) if pk != 0.0
+                    else fconst(q, 0.0))
     return block_sum(h)
 
 
