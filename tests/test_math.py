@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from lossgrad.kernels._explog import fexp_nonpositive, flog, flog1p_unit, polynomial
 from lossgrad.kernels._numerics import fconst, fma
-from lossgrad.kernels._special import flog1p, flog1p_of
+from lossgrad.kernels._special import log1p_diff_of
 from lossgrad.kernels.multiclass import _first_max
 
 RNG = np.random.default_rng(3)
+TOP32 = float(np.finfo(np.float32).max)
 
 
 @numba.njit
@@ -132,23 +133,32 @@ def test_polynomial_is_the_horner_loop_written_out(dtype: type) -> None:
 
 
 @numba.njit
-def _log1p_both(a, like):  # type: ignore[no-untyped-def]
-    out = np.empty((2, a.size))
-    for i in range(a.size):
-        out[0, i] = flog1p_of(a[i], like)
-        out[1, i] = flog1p(a[i])
+def _log1p_diffs(u, v, like):  # type: ignore[no-untyped-def]
+    out = np.empty(u.size)
+    for i in range(u.size):
+        out[i] = log1p_diff_of(u[i], v[i], like)
     return out
 
 
-def test_log1p_of_float32_values_is_flog1p() -> None:
-    """MSLE takes log(1 + v) for float32 inputs (v >= 1e-7, in float64), skipping
-    flog1p's correction: it must give flog1p's bits, from the clamp to float32's largest."""
-    v = np.concatenate([RNG.uniform(1e-7, 1e-3, 100_000), RNG.uniform(0.0, 10.0, 100_000),
+def test_log1p_difference_of_float32_values_is_one_log() -> None:
+    """MSLE's log(1 + u) - log(1 + v) for float32 inputs (u, v >= 1e-7, in float64) is one
+    log of (1 + u) / (1 + v): within a few ulps of 1 of an 80-bit reference at any size,
+    where the difference of two logs errs by their magnitude's ulps (~8e-15 at 1e30)."""
+    u = np.concatenate([RNG.uniform(1e-7, 1e-3, 100_000), RNG.uniform(0.0, 10.0, 100_000),
                         np.exp(RNG.uniform(-16.0, 88.0, 100_000)),
-                        [2.0**24, 2.0**53, 2.0**60, float(np.finfo(np.float32).max)]])
-    v = np.maximum(v.astype(np.float32).astype(np.float64), 1e-7)
-    both = _log1p_both(v, np.float32(1.0))
-    assert both[0].tobytes() == both[1].tobytes()
+                        [2.0**24, 2.0**53, 2.0**60, TOP32]])
+    u = np.maximum(u.astype(np.float32).astype(np.float64), 1e-7)
+    near = np.minimum(u * (1.0 + RNG.uniform(-1e-6, 1e-6, u.size)), TOP32).astype(np.float32)
+    for v in (RNG.permutation(u), np.maximum(near.astype(np.float64), 1e-7)):
+        got = _log1p_diffs(u, v, np.float32(1.0))
+        ld = np.longdouble
+        want = np.log1p(u.astype(ld)) - np.log1p(v.astype(ld))
+        err = np.abs(got.astype(ld) - want)
+        assert np.all(err <= 2.3e-16 + 4.5e-16 * np.abs(want)), float(err.max())
+    # float64 values take flog1p of each.
+    a, b = RNG.uniform(0.0, 5.0, 1000), RNG.uniform(0.0, 5.0, 1000)
+    np.testing.assert_allclose(_log1p_diffs(a, b, 1.0), np.log1p(a) - np.log1p(b),
+                               rtol=0, atol=1e-15)
 
 
 @numba.njit

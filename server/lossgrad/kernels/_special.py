@@ -67,19 +67,20 @@ def flog1p(v):  # type: ignore[no-untyped-def]
     return v if d == fconst(v, 0.0) else flog(w) + (v - d) / w
 
 
-def flog1p_of(v: float, like: Any) -> float:
-    """log(1 + v) in float64 for v >= 1e-7 holding a value of ``like``'s float type. A
-    float32 value's 1 + v is exact in float64 below 2^53 (and above, off by less than
-    the log's rounding), so its log is already ``flog1p``'s result, without the
-    correction's division; a float64 value takes ``flog1p``."""
-    return math.log1p(v)
+def log1p_diff_of(u: float, v: float, like: Any) -> float:
+    """log(1 + u) - log(1 + v) in float64 for u, v >= 1e-7 holding values of ``like``'s
+    float type. For float32 values 1 + u and 1 + v are exact in float64 (below 2^53), so it
+    is one log of their quotient: half the logs, and an error of a few float64 ulps of 1
+    whatever the size of u and v, where two logs err by their own magnitude's ulps. For
+    float64 values, ``flog1p`` of each."""
+    return math.log1p(u) - math.log1p(v)
 
 
-@overload(flog1p_of)
-def _flog1p_of(v, like):  # type: ignore[no-untyped-def]
+@overload(log1p_diff_of)
+def _log1p_diff_of(u, v, like):  # type: ignore[no-untyped-def]
     if like == nt.float32:
-        return lambda v, like: flog(1.0 + v)
-    return lambda v, like: flog1p(v)
+        return lambda u, v, like: flog((1.0 + u) / (1.0 + v))
+    return lambda u, v, like: flog1p(u) - flog1p(v)
 
 
 @inline

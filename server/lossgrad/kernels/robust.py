@@ -10,7 +10,7 @@ import numpy as np
 
 from ._explog import fexp_nonpositive, flog1p_unit
 from ._numerics import fconst, inline, sign
-from ._special import flog1p_of, series_cut
+from ._special import log1p_diff_of, series_cut
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): MAPE's divisor floor, MSLE's clamp
 _LN2 = 0.6931471805599453
@@ -100,7 +100,7 @@ def msle(x, y, a, b):  # type: ignore[no-untyped-def]
     xd = np.float64(x)
     eps = KERAS_EPSILON
     xc = max(xd, eps)
-    d = flog1p_of(xc, x) - flog1p_of(max(np.float64(y), eps), x)
+    d = log1p_diff_of(xc, max(np.float64(y), eps), x)
     g = 2.0 * d / (1.0 + xc)
     return d * d, (g if xd > eps else 0.0)
 
@@ -136,6 +136,6 @@ def msle_hessian(x, y, a, b):  # type: ignore[no-untyped-def]
     xd = np.float64(x)
     eps = KERAS_EPSILON
     xc = max(xd, eps)
-    d = flog1p_of(xc, x) - flog1p_of(max(np.float64(y), eps), x)
+    d = log1p_diff_of(xc, max(np.float64(y), eps), x)
     u = 1.0 + xc
     return 2.0 * (1.0 - d) / (u * u) if xd > eps else 0.0
