@@ -185,6 +185,23 @@ def test_tweedie_gradient_keeps_precision_near_its_minimum(power):
     assert float(np.max(np.abs((g - want) / want))) < 1e-13
 
 
+def test_tweedie_three_halves_loss_keeps_precision_near_its_minimum():
+    """At power 1.5 the deviance is 4 (sqrt(mu) - sqrt(y))^2 / sqrt(mu): near y = mu the
+    expanded three-term form cancels to a few digits, the kernel's must keep float64's
+    (against an 80-bit long double reference); y = 0 gives 4 sqrt(mu)."""
+    rng = _rng("tweedie-three-halves")
+    mu = rng.uniform(0.5, 3.0, size=2000)
+    y = mu * (1.0 + rng.uniform(-1e-6, 1e-6, size=2000))
+    y[:3] = 0.0
+    got = compute("tweedie", mu, y, power=1.5, reduction="none").loss
+    ml, yl = mu.astype(np.longdouble), y.astype(np.longdouble)
+    want = 4 * ((ml - yl) / (np.sqrt(ml) + np.sqrt(yl))) ** 2 / np.sqrt(ml)  # mu - y exact
+    assert float(np.max(np.abs((got - want) / want))) < 1e-13
+    # The general kernel (any other power) keeps only the digits the cancellation leaves.
+    near = compute("tweedie", mu, y, power=1.5 + 1e-12, reduction="none").loss
+    assert float(np.max(np.abs((near - want) / want))) > 1e-9
+
+
 def test_gaussian_variance_clamp():
     # v = max(var, 1e-6): var = 0 is allowed; both gradients at the clamped v (PyTorch).
     eps = 1e-6

@@ -44,6 +44,7 @@ from .likelihood import (
     poisson_rate,
     poisson_rate_plain,
     tweedie,
+    tweedie_three_halves,
 )
 from .margin import hinge, squared_hinge
 from .regression import huber, mae, mse, pseudo_huber
@@ -181,7 +182,10 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
             return _element_loop(poisson_rate_plain, xb, yb, wb, lb, ob, gb, scale, fa, fb,
                                  strict)
         return _element_loop(poisson_rate, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
-    if op == TWEEDIE:
+    if op == TWEEDIE:  # a: power
+        if a == 1.5:
+            return _element_loop(tweedie_three_halves, xb, yb, wb, lb, ob, gb, scale, fa, fb,
+                                 strict)
         return _element_loop(tweedie, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == POISSON_DEVIANCE:
         return _element_loop(poisson_deviance, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)

@@ -77,6 +77,7 @@ from .likelihood import (
     poisson_rate_hessian,
     tweedie,
     tweedie_hessian,
+    tweedie_three_halves,
 )
 from .margin import hinge, hinge_hessian, squared_hinge, squared_hinge_hessian
 from .multiclass import (
@@ -198,6 +199,9 @@ def _element_block(blk, op, x, y, w, out, grad, hess, scale, a, b, bounds, stric
                       fb, lo, hi, strict)
     elif op == POISSON_RATE:
         _element_loop(poisson_rate, poisson_rate_hessian, xb, yb, wb, lb, ob, gb, hb, scale,
+                      fa, fb, lo, hi, strict)
+    elif op == TWEEDIE and a == 1.5:  # the gradient path's kernel, so the same loss bits
+        _element_loop(tweedie_three_halves, tweedie_hessian, xb, yb, wb, lb, ob, gb, hb, scale,
                       fa, fb, lo, hi, strict)
     elif op == TWEEDIE:
         _element_loop(tweedie, tweedie_hessian, xb, yb, wb, lb, ob, gb, hb, scale, fa, fb, lo,
