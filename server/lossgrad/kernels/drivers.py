@@ -100,7 +100,8 @@ def block_views(blk, x, y, w, out, grad, losses, scratch):  # type: ignore[no-un
 
 
 @loop
-def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False):  # type: ignore[no-untyped-def]
+def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False,  # type: ignore[no-untyped-def]
+                  want_grad=True):
     """One block; returns the sum of its weighted losses. The main loop has no branches,
     so it vectorises: it writes the losses to ``lb`` and scale * d loss / d x to ``grad``
     (a scratch block when the gradient is not wanted); weights and per-position outputs
@@ -114,14 +115,16 @@ def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False)
     writes the gradient (the block is in L1 for both). The sum's loop must not store: a
     loop that stores runs its vector or its scalar version depending on where the output
     lies, and the two add in different orders. Heavier losses keep the block: recomputing
-    them costs more than it saves."""
+    them costs more than it saves; and without the gradient (``want_grad`` off: ``grad``
+    is scratch) the second loop is left out."""
     sc = fconst(x, scale)
     if lean and not (w.size or out.size):
         s = 0.0
         for j in range(x.size):
             s = sum_add(s, elem(x[j], y[j], a, b)[0])
-        for j in range(x.size):
-            grad[j] = sc * elem(x[j], y[j], a, b)[1]
+        if want_grad:
+            for j in range(x.size):
+                grad[j] = sc * elem(x[j], y[j], a, b)[1]
         return s
     for j in range(x.size):
         xj = x[j]
@@ -147,9 +150,11 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
     xb, yb, wb, ob, gb, lb = block_views(blk, x, y, w, out, grad, losses, scratch)
     fa, fb = fconst(x, a), fconst(x, b)
     if op == MAE:
-        return _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True)
+        return _element_loop(mae, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True,
+                             grad.size > 0)
     if op == MSE:
-        return _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True)
+        return _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True,
+                             grad.size > 0)
     if op == HUBER:
         return _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == PSEUDO_HUBER:
