@@ -29,6 +29,7 @@ from ._numerics import (
     outside_unit,
     poison,
     saturate,
+    sum_add,
     unit_poison,
 )
 
@@ -158,12 +159,13 @@ def cce_logits_row(x, q, g, e, h, coef, smoothing, strict, want_grad):  # type: 
     m, s1 = softmax_row(x, e, g, want_grad, strict)
     keep = fconst(x, 1.0 - smoothing)
     spread = fconst(x, smoothing / c)
-    for k in range(c):
-        h[k] = keep * q[k] + spread + unit_poison(q[k])
-    total_q = block_sum(h)
-    for k in range(c):
-        h[k] = h[k] * (m - x[k])
-    loss = block_sum(h) + total_q * np.log1p(s1)  # both parts >= 0
+    total_q = 0.0
+    cross = 0.0
+    for k in range(c):  # stores nothing, so its sums' order is fixed (``sum_add``)
+        qk = keep * q[k] + spread + unit_poison(q[k])
+        total_q = sum_add(total_q, qk)
+        cross = sum_add(cross, np.float64(qk) * (m - x[k]))
+    loss = cross + total_q * np.log1p(s1)  # both parts >= 0
     if want_grad:
         a = fconst(x, coef * total_q / (1.0 + s1))
         cf = fconst(x, coef)
