@@ -233,13 +233,10 @@ def sparse_probs_row(x, yi, cw, total_w, g, e, h, coef, smoothing,  # type: igno
     c = x.size
     has_cw = cw.size > 0
     bad = 0  # values outside [0, 1] or not finite, counted along the gradient's stores
-    if want_grad:
-        for k in range(c):
+    for k in range(c):
+        if want_grad:
             g[k] = fconst(x, 0.0)
-            bad += outside_unit(x[k])
-    else:
-        for k in range(c):
-            bad += outside_unit(x[k])
+        bad += outside_unit(x[k])
     wy = cw[yi] if has_cw else 1.0
     spread = smoothing / c
     lv, dlv = clog(x[yi])

@@ -14,11 +14,16 @@ from ._numerics import In, fconst, i8, inline, kernel
 
 
 @inline
+def _signed(x, y, zero_one):  # type: ignore[no-untyped-def]
+    """The label in {-1, 1}: 2 y - 1 for 0/1 labels (``zero_one``), else y."""
+    return fconst(x, 2.0) * y - fconst(x, 1.0) if zero_one != fconst(x, 0.0) else y
+
+
+@inline
 def hinge(x, y, zero_one, b):  # type: ignore[no-untyped-def]
     """max(0, 1 - y x), y in {-1, 1} (mapped from {0, 1} when zero_one); 0 at the margin."""
-    one = fconst(x, 1.0)
-    s = fconst(x, 2.0) * y - one if zero_one != fconst(x, 0.0) else y
-    m = one - s * x
+    s = _signed(x, y, zero_one)
+    m = fconst(x, 1.0) - s * x
     active = m > fconst(x, 0.0)
     return (m if active else fconst(x, 0.0)), (-s if active else fconst(x, 0.0))
 
@@ -26,9 +31,8 @@ def hinge(x, y, zero_one, b):  # type: ignore[no-untyped-def]
 @inline
 def squared_hinge(x, y, zero_one, b):  # type: ignore[no-untyped-def]
     """max(0, 1 - y x)^2; gradient -2 y max(0, 1 - y x)."""
-    one = fconst(x, 1.0)
-    s = fconst(x, 2.0) * y - one if zero_one != fconst(x, 0.0) else y
-    m = max(one - s * x, fconst(x, 0.0))
+    s = _signed(x, y, zero_one)
+    m = max(fconst(x, 1.0) - s * x, fconst(x, 0.0))
     return m * m, fconst(x, -2.0) * s * m
 
 
@@ -41,9 +45,8 @@ def hinge_hessian(x, y, zero_one, b):  # type: ignore[no-untyped-def]
 @inline
 def squared_hinge_hessian(x, y, zero_one, b):  # type: ignore[no-untyped-def]
     """2 y^2 = 2 where the margin is violated (1 - y x > 0), else 0 (0 at the margin)."""
-    one = fconst(x, 1.0)
-    s = fconst(x, 2.0) * y - one if zero_one != fconst(x, 0.0) else y
-    return fconst(x, 2.0) if one - s * x > fconst(x, 0.0) else fconst(x, 0.0)
+    s = _signed(x, y, zero_one)
+    return fconst(x, 2.0) if fconst(x, 1.0) - s * x > fconst(x, 0.0) else fconst(x, 0.0)
 
 
 @kernel(lambda F: nt.Tuple((i8, i8))(In(F)))
