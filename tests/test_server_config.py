@@ -62,6 +62,13 @@ def test_bad_values_are_usage_errors(flag: str, value: str) -> None:
     assert info.value.code == 2
 
 
+def _join_pollers(threads: set[threading.Thread]) -> None:
+    for thread in threads:
+        if thread.name.endswith("(_run)"):  # grpc's own threads (poller, callback delivery)
+            thread.join(10)
+            assert not thread.is_alive(), f"{thread.name} still runs"
+
+
 @pytest.mark.e2e
 def test_connections_are_closed_at_their_max_age() -> None:
     server, port = create_server("127.0.0.1", 0, warm=False, max_connection_age_s=0.5)
@@ -75,11 +82,16 @@ def test_connections_are_closed_at_their_max_age() -> None:
 
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            before = set(threading.enumerate())
             channel.subscribe(watch)
             stub = pb_grpc.LossServiceStub(channel)
             assert stub.ListLosses(pb.ListLossesRequest(), timeout=15).losses
             assert went_idle.wait(15), f"the connection was not closed: {states}"
             assert stub.ListLosses(pb.ListLossesRequest(), timeout=15).losses  # reconnects
             channel.unsubscribe(watch)
+            # grpc's connectivity poller thread ends at its next 0.2 s wake after unsubscribe;
+            # closing the channel before then makes it raise "Channel closed!" in whatever
+            # test runs next, so the channel stays open until the poller has gone.
+            _join_pollers(set(threading.enumerate()) - before)
     finally:
         server.stop(0).wait(30)
