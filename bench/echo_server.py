@@ -11,6 +11,7 @@ prints ``echo serving on 127.0.0.1:PORT`` once it accepts calls, and stops on SI
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from concurrent import futures
@@ -31,7 +32,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-workers", type=int, required=True)
     parser.add_argument("--max-message-bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument("--cpu", type=int, default=None,
+                        help="run every thread on this CPU (as lossgrad serve --io-cpu)")
     args = parser.parse_args()
+    if args.cpu is not None:  # before gRPC starts its threads: they inherit it
+        os.sched_setaffinity(0, {args.cpu})
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -95,11 +95,11 @@ def _service_available() -> str | None:
 
 
 def _service_child(section: str, quick: bool, malloc_tuned: bool,
-                   untuned_server: bool = False) -> tuple[str, list[str]]:
+                   untuned_server: bool = False, io_cpu: bool = False) -> tuple[str, list[str]]:
     """Run a service_bench section in a child process; timing sections are measured again
     (full mode) if other processes used more than a quarter of a core meanwhile."""
     def once() -> tuple[str, list[str]]:
-        return _service_child_once(section, quick, malloc_tuned, untuned_server)
+        return _service_child_once(section, quick, malloc_tuned, untuned_server, io_cpu)
 
     if section == "memory":
         return once()
@@ -110,9 +110,10 @@ def _service_child(section: str, quick: bool, malloc_tuned: bool,
 
 
 def _service_child_once(section: str, quick: bool, malloc_tuned: bool,
-                        untuned_server: bool) -> tuple[str, list[str]]:
+                        untuned_server: bool, io_cpu: bool) -> tuple[str, list[str]]:
     args = [str(HERE / "service_bench.py"), "--section", section]
     args += ["--untuned-server"] if untuned_server else []
+    args += ["--io-cpu"] if io_cpu else []
     return _child(section, args, quick, child_env(malloc_tuned))
 
 
@@ -175,12 +176,24 @@ def _by_malloc_config(section: str, quick: bool) -> tuple[str, list[str]]:
     return text, problems
 
 
+IO_CPU_LABEL = "default environment, call threads on one CPU (lossgrad serve --io-cpu auto)"
+IO_CPU_NOTE = """\
+`lossgrad serve --io-cpu auto` keeps its gRPC and Python threads on the highest CPU this
+process may use (numba's kernel threads stay on every CPU); the echo server runs all its
+threads on that CPU too (`bench/echo_server.py --cpu`), so both sides get the same help.
+The client is not pinned.
+"""
+
+
 def _e2e(quick: bool) -> tuple[str, list[str]]:
     from servers import MAX_MESSAGE_BYTES, max_workers
 
     note = E2E_NOTE.format(workers=max_workers(), mib=MAX_MESSAGE_BYTES // 2**20)
     text, problems = _by_malloc_config("e2e", quick)
-    return note + "\n" + text, problems
+    print(f"  e2e with {IO_CPU_LABEL}", flush=True)
+    markdown, found = _service_child("e2e", quick, False, io_cpu=True)
+    text += f"### {IO_CPU_LABEL}\n\n{IO_CPU_NOTE}\n{markdown}\n"
+    return note + "\n" + text, problems + found
 
 
 def _concurrency(quick: bool) -> tuple[str, list[str]]:

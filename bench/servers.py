@@ -46,16 +46,25 @@ def server_tunes_allocator() -> bool:
     return hasattr(lossgrad.server, "tune_allocator")
 
 
-def lossgrad_command(workers: int, untuned: bool = False) -> list[str]:
-    """``lossgrad serve`` on a free port; ``untuned`` disables its own malloc tuning."""
+def lossgrad_command(workers: int, untuned: bool = False, io_cpu: bool = False) -> list[str]:
+    """``lossgrad serve`` on a free port; ``untuned`` disables its own malloc tuning,
+    ``io_cpu`` pins its call threads (``--io-cpu auto``: the highest CPU, ``io_cpu()``)."""
     launch = ["-c", _UNTUNED] if untuned and server_tunes_allocator() else ["-m", "lossgrad"]
     return [sys.executable, *launch, "serve", "--host", HOST, "--port", "0",
-            "--max-workers", str(workers), "--max-message-bytes", str(MAX_MESSAGE_BYTES)]
+            "--max-workers", str(workers), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+            *(["--io-cpu", "auto"] if io_cpu else [])]
 
 
-def echo_command(workers: int) -> list[str]:
+def echo_command(workers: int, io_cpu: bool = False) -> list[str]:
+    """The echo server; ``io_cpu`` runs it on the CPU that ``--io-cpu auto`` picks."""
     return [sys.executable, str(HERE / "echo_server.py"), "--host", HOST, "--port", "0",
-            "--max-workers", str(workers), "--max-message-bytes", str(MAX_MESSAGE_BYTES)]
+            "--max-workers", str(workers), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+            *(["--cpu", str(io_cpu_auto())] if io_cpu else [])]
+
+
+def io_cpu_auto() -> int:
+    """The CPU ``lossgrad serve --io-cpu auto`` pins its call threads to."""
+    return max(os.sched_getaffinity(0))
 
 
 class ServerProcess:

@@ -57,15 +57,15 @@ def _same_as_in_process(result: Any, case: Case, x: np.ndarray, y: np.ndarray) -
 
 # --- section 3: end to end against an echo ---------------------------------------------
 
-def e2e(quick: bool, untuned: bool) -> tuple[str, list[str]]:
+def e2e(quick: bool, untuned: bool, io_cpu: bool = False) -> tuple[str, list[str]]:
     sizes = [10**3, 10**5, 10**6] + ([] if quick else [16_000_000])
     cases = [mse(n) for n in sizes] + [sparse_ce(256, 10)]
     per_method_s = 1.0 if quick else 3.0
     max_calls = 300 if quick else 2000
     workers = max_workers()
     rows, problems = [], []
-    with ServerProcess(lossgrad_command(workers, untuned)) as lg_server, \
-            ServerProcess(echo_command(workers)) as echo_server, \
+    with ServerProcess(lossgrad_command(workers, untuned, io_cpu)) as lg_server, \
+            ServerProcess(echo_command(workers, io_cpu)) as echo_server, \
             _client(lg_server.address) as client:
         channel = grpc.insecure_channel(echo_server.address, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -345,9 +345,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--untuned-server", action="store_true",
                         help="switch off lossgrad serve's own malloc tuning")
+    parser.add_argument("--io-cpu", action="store_true",
+                        help="e2e: lossgrad serve --io-cpu auto, the echo server on that CPU")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    markdown, problems = SECTIONS[args.section](args.quick, args.untuned_server)
+    if args.section == "e2e":
+        markdown, problems = e2e(args.quick, args.untuned_server, args.io_cpu)
+    else:
+        markdown, problems = SECTIONS[args.section](args.quick, args.untuned_server)
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     args.out.write_text(json.dumps({"markdown": markdown, "problems": problems,
                                     "malloc_env": malloc}))

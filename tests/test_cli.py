@@ -235,3 +235,64 @@ def test_compile_fills_the_cache(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600, check=True)
     assert str(tmp_path) in done.stdout
     assert list(tmp_path.rglob("*.nbi")), "no numba cache index written"
+
+
+# --- --io-cpu ------------------------------------------------------------------------------
+
+def _allowed(pid: int | str, tid: int | str) -> set[int]:
+    text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    listed = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("Cpus_allowed_list:"))
+    cpus: set[int] = set()
+    for part in listed.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_io_cpu_pins_the_call_threads_and_leaves_the_kernel_pool_free(
+    start: Callable[..., Served],
+) -> None:
+    cpus = os.sched_getaffinity(0)
+    served = start("--port", "0", env={"LOSSGRAD_IO_CPU": "auto"})
+    pid = served.proc.pid
+    with LossClient(served.address, timeout=60) as client:  # a kernel on the parallel path
+        result = client.compute_gradient("mse", [1.0] * 200_000, [0.0] * 200_000)
+        assert result.loss == 1.0
+        assert set(result.gradient.tolist()) == {1e-05}
+    threads = {tid: (Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip(),
+                     _allowed(pid, tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    assert threads[str(pid)][1] == {max(cpus)}  # the main thread
+    grpc_threads = [allowed for name, allowed in threads.values() if name == "event_engine"]
+    assert grpc_threads and all(allowed == {max(cpus)} for allowed in grpc_threads)
+    free = [tid for tid, (_, allowed) in threads.items() if allowed == cpus]
+    assert len(free) >= 1  # numba's pool (and numpy's BLAS threads)
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(STOP_TIMEOUT_S) == 0
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("4096", "CPU 4096 is not one this process may run on"),
+    ("-1", "CPU -1 is not one this process may run on"),
+    ("first", "must be a CPU number, 'auto' or 'off'"),
+])
+def test_an_io_cpu_this_process_cannot_use_is_a_usage_error(
+    value: str, message: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--io-cpu", value])
+    assert info.value.code == 2
+    assert f"--io-cpu: {message}" in capsys.readouterr().err
+
+
+def test_io_cpu_values() -> None:
+    from lossgrad.affinity import parse_cpu
+
+    cpus = os.sched_getaffinity(0)
+    assert parse_cpu("off") is None
+    assert parse_cpu("AUTO") == max(cpus)
+    assert parse_cpu(str(min(cpus))) == min(cpus)
+    with pytest.raises(ValueError, match="io_cpu 4096"):
+        create_server("127.0.0.1", 0, warm=False, io_cpu=4096)

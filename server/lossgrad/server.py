@@ -21,7 +21,7 @@ from lossgrad_client import tune_allocator as client_tune_allocator
 from lossgrad_client._proto.lossgrad.v1 import lossgrad_pb2 as pb
 from prometheus_client import start_http_server
 
-from . import engine, plugin
+from . import affinity, engine, plugin
 from .grpc_server import ServerInfo, build_grpc_server
 from .service import DEFAULT_MAX_STREAM_CHUNKS, SERVICE_NAME
 from .shm import SharedMemoryConfig, SharedMemoryRegistry
@@ -149,6 +149,7 @@ def create_server(
     shared_memory: SharedMemoryConfig | None = None,
     plugins: bool | None = None,
     plugin_errors: str | None = None,
+    io_cpu: int | None = None,
 ) -> tuple[LossServer, int]:
     """Start a LossService server on ``host:port`` and return it with the bound port.
 
@@ -165,7 +166,9 @@ def create_server(
     directory and limits.
     ``plugins`` and ``plugin_errors`` are those of :func:`lossgrad.plugin.load` (the
     first load in a process decides); a broken plugin raises ``PluginError`` unless
-    ``plugin_errors="skip"``.
+    ``plugin_errors="skip"``. ``io_cpu`` pins the threads that carry calls, the whole
+    process's Python and gRPC threads, to that CPU once the server has started
+    (:mod:`lossgrad.affinity`; for a process of its own, as ``lossgrad serve`` is).
     """
     for name, value in (("port", port), ("health_port", health_port),
                         ("metrics_port", metrics_port)):
@@ -182,6 +185,8 @@ def create_server(
         raise ValueError(f"max_connection_age_s must be > 0, got {max_connection_age_s}")
     if auth_token is not None and not auth_token:
         raise ValueError("auth_token must not be empty")
+    if io_cpu is not None and io_cpu not in affinity.allowed_cpus():
+        raise ValueError(f"io_cpu {io_cpu} is not a CPU this process may run on")
     tune_allocator()
     health = HealthServicer()
     health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -245,6 +250,9 @@ def create_server(
                 raise OSError(f"cannot bind {_host_for_address(host)}:{metrics_port} "
                               f"for metrics: {err}") from err
         server.start()
+        if io_cpu is not None:
+            pinned = affinity.pin_call_threads(io_cpu)
+            _log.info("%d call-carrying threads pinned to CPU %d", pinned, io_cpu)
     except BaseException:
         if local is not None:
             local.close()
