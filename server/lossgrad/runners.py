@@ -205,8 +205,8 @@ def _rmse(batch: Batch, want_grad: bool) -> Result:
     if want_grad:
         out, grad = _buffers(batch, True)
         scale = 1.0 / (2.0 * rmse * divisor) if rmse > 0 else 0.0
-        drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE, 0.0, 0.0,
-                            not batch.allow_nonfinite, _parallel(batch), 0.0)
+        drivers.elementwise(batch.x, batch.t, batch.w, out, grad, scale, drivers.MSE_GRADIENT,
+                            0.0, 0.0, not batch.allow_nonfinite, _parallel(batch), 0.0)
         if batch.hessian is not None:  # exact only (catalog): w / (D R) - g^2 / R
             hess = _rmse_hessian(batch, grad, rmse, divisor)
     return Result(rmse, _narrow(batch, grad.reshape(batch.shape)) if want_grad else None,

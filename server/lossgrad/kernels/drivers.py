@@ -54,6 +54,9 @@ from .robust import log_cosh, mape, msle, quantile, smooth_l1
 MAE, MSE, HUBER, PSEUDO_HUBER, HINGE, SQUARED_HINGE, BCE, BCE_LOGITS = range(8)
 (SMOOTH_L1, LOG_COSH, QUANTILE, MAPE, MSLE, POISSON_LOG, POISSON_RATE, TWEEDIE,
  POISSON_DEVIANCE, GAMMA_DEVIANCE, SIGMOID_FOCAL) = range(8, 19)
+# MSE's gradient without its sum (RMSE's second pass, which has the sum from its first):
+# unweighted, the driver returns 0 and reads each block once.
+MSE_GRADIENT = 19
 
 
 @numba.njit(nogil=True)
@@ -101,7 +104,7 @@ def block_views(blk, x, y, w, out, grad, losses, scratch):  # type: ignore[no-un
 
 @loop
 def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False,  # type: ignore[no-untyped-def]
-                  want_grad=True):
+                  want_grad=True, want_sum=True):
     """One block; returns the sum of its weighted losses. The main loop has no branches,
     so it vectorises: it writes the losses to ``lb`` and scale * d loss / d x to ``grad``
     (a scratch block when the gradient is not wanted); weights and per-position outputs
@@ -116,12 +119,14 @@ def _element_loop(elem, x, y, w, lb, out, grad, scale, a, b, strict, lean=False,
     loop that stores runs its vector or its scalar version depending on where the output
     lies, and the two add in different orders. Heavier losses keep the block: recomputing
     them costs more than it saves; and without the gradient (``want_grad`` off: ``grad``
-    is scratch) the second loop is left out."""
+    is scratch) the second loop is left out, and without the sum (``want_sum`` off) the
+    first."""
     sc = fconst(x, scale)
     if lean and not (w.size or out.size):
         s = 0.0
-        for j in range(x.size):
-            s = sum_add(s, elem(x[j], y[j], a, b)[0])
+        if want_sum:
+            for j in range(x.size):
+                s = sum_add(s, elem(x[j], y[j], a, b)[0])
         if want_grad:
             for j in range(x.size):
                 grad[j] = sc * elem(x[j], y[j], a, b)[1]
@@ -155,6 +160,9 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
     if op == MSE:
         return _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True,
                              grad.size > 0)
+    if op == MSE_GRADIENT:
+        return _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True, True,
+                             False)
     if op == HUBER:
         return _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == PSEUDO_HUBER:
