@@ -294,5 +294,5 @@ def test_io_cpu_values() -> None:
     assert parse_cpu("off") is None
     assert parse_cpu("AUTO") == max(cpus)
     assert parse_cpu(str(min(cpus))) == min(cpus)
-    with pytest.raises(ValueError, match="io_cpu 4096"):
+    with pytest.raises(ValueError, match="CPU 4096 is not one this process may run on"):
         create_server("127.0.0.1", 0, warm=False, io_cpu=4096)

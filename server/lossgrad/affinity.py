@@ -32,7 +32,10 @@ OFF = "off"
 
 
 def allowed_cpus() -> set[int]:
-    """The CPUs this process may run on."""
+    """The CPUs this process may run on; ValueError where the system cannot pin threads
+    (only Linux can, here)."""
+    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        raise ValueError("pinning threads to a CPU needs Linux")
     return set(os.sched_getaffinity(0))
 
 
@@ -42,25 +45,27 @@ def parse_cpu(text: str) -> int | None:
     value = text.strip().lower()
     if value in (OFF, ""):
         return None
-    cpus = allowed_cpus()
     if value == AUTO:
-        return max(cpus)
+        return max(allowed_cpus())
     try:
         cpu = int(value)
     except ValueError:
         raise ValueError(f"must be a CPU number, {AUTO!r} or {OFF!r}, got {text!r}") from None
+    return check_cpu(cpu)
+
+
+def check_cpu(cpu: int) -> int:
+    """``cpu``, if this process may run on it; else ValueError naming the CPUs it may."""
+    cpus = allowed_cpus()
     if cpu not in cpus:
-        raise ValueError(f"CPU {cpu} is not one this process may run on "
-                         f"({_cpu_list(cpus)})")
+        raise ValueError(f"CPU {cpu} is not one this process may run on ({cpu_list(cpus)})")
     return cpu
 
 
 def pin_call_threads(cpu: int) -> int:
     """Pin this process's Python and gRPC threads to ``cpu`` (numba's pool, started here
     if it is not yet, keeps its CPUs); returns how many threads were pinned."""
-    if cpu not in allowed_cpus():
-        raise ValueError(f"CPU {cpu} is not one this process may run on "
-                         f"({_cpu_list(allowed_cpus())})")
+    check_cpu(cpu)
     _start_kernel_pool()
     main_name = _thread_name(threading.main_thread().native_id)
     python = {thread.native_id for thread in threading.enumerate()
@@ -96,5 +101,6 @@ def _thread_name(tid: int | None) -> str | None:
         return None
 
 
-def _cpu_list(cpus: set[int]) -> str:
+def cpu_list(cpus: set[int]) -> str:
+    """``CPUs 0,1``: the set, for messages."""
     return "CPUs " + ",".join(str(cpu) for cpu in sorted(cpus))

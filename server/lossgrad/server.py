@@ -185,8 +185,8 @@ def create_server(
         raise ValueError(f"max_connection_age_s must be > 0, got {max_connection_age_s}")
     if auth_token is not None and not auth_token:
         raise ValueError("auth_token must not be empty")
-    if io_cpu is not None and io_cpu not in affinity.allowed_cpus():
-        raise ValueError(f"io_cpu {io_cpu} is not a CPU this process may run on")
+    if io_cpu is not None:
+        affinity.check_cpu(io_cpu)
     tune_allocator()
     health = HealthServicer()
     health.set("", health_pb2.HealthCheckResponse.SERVING)
