@@ -27,6 +27,7 @@ from lossgrad.errors import (
     UNSUPPORTED_DTYPE,
     VALUE_OUT_OF_RANGE,
 )
+from lossgrad.kernels import drivers
 
 V3 = np.array([0.2, 0.5, 0.7])  # valid values, probabilities and logits
 T3 = np.array([0.0, 1.0, 1.0])  # valid targets for every elementwise loss
@@ -253,15 +254,16 @@ def test_allow_nonfinite(predictions, targets, want):
 
 
 
-@pytest.mark.parametrize("loss", ["mse", "mae"])
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", ["predictions", "targets", "both"])
 def test_lean_losses_still_reject_every_nonfinite_input(loss, dtype, bad, where):
-    """MSE and MAE sum their losses without poison terms (their loss is NaN or Inf
-    whenever an input is): every non-finite input, against a finite partner or the same
-    value, must still be found, on the serial and the parallel path."""
-    for n in (3, 70_000):
+    """MSE and MAE (and Huber from LEAN_HUBER_MIN elements) sum their losses without
+    poison terms (their loss is NaN or Inf whenever an input is): every non-finite input,
+    against a finite partner or the same value, must still be found, on the serial and
+    the parallel path."""
+    for n in (3, 70_000) + ((drivers.LEAN_HUBER_MIN + 5,) if loss == "huber" else ()):
         x = np.full(n, 0.5, dtype=dtype)
         y = np.full(n, -0.25, dtype=dtype)
         k = n - 2

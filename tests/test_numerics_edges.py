@@ -491,6 +491,58 @@ def test_element_sums_do_not_depend_on_where_the_gradient_lies(op, dtype):
             want = ((x.astype(np.float64) - y) ** 2).sum()
             assert sums.pop() == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13)
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_huber_gives_the_same_bits_on_its_lean_and_its_block_loop(dtype):
+    """From LEAN_HUBER_MIN elements Huber sums its losses in a loop of their own: a batch
+    that size must give the bits of the same batch in two calls below it (the second
+    continuing from the first's total, cut at a block boundary), sum and gradient, serial
+    and parallel; with the weights or per-position outputs that keep the block loop too."""
+    compile_kernels()
+    rng = _rng("lean-huber")
+    n = drivers.LEAN_HUBER_MIN + 3 * BLOCK + 17
+    cut = (n // 2) // BLOCK * BLOCK
+    assert n - cut < drivers.LEAN_HUBER_MIN
+    x = rng.normal(size=n).astype(dtype)
+    y = (x - rng.choice([-1.0, 1.0], n) * rng.uniform(0.05, 3.0, n)).astype(dtype)
+    empty, f8 = np.empty(0, dtype), np.empty(0)
+    for parallel in (False, True):
+        whole = np.empty(n, dtype)
+        total = drivers.elementwise(x, y, f8, empty, whole, 0.5, drivers.HUBER, 1.0, 0.0, True,
+                                    parallel, 0.0)
+        parts = np.empty(n, dtype)
+        first = drivers.elementwise(x[:cut], y[:cut], f8, empty, parts[:cut], 0.5,
+                                    drivers.HUBER, 1.0, 0.0, True, parallel, 0.0)
+        second = drivers.elementwise(x[cut:], y[cut:], f8, empty, parts[cut:], 0.5,
+                                     drivers.HUBER, 1.0, 0.0, True, parallel, first)
+        assert total == second
+        assert whole.tobytes() == parts.tobytes()
+    r = x.astype(np.float64) - y
+    want = np.where(np.abs(r) < 1.0, 0.5 * r * r, np.abs(r) - 0.5).sum()
+    assert total == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_gradient_op_writes_mse_gradient_bits(weighted):
+    """RMSE's second pass (MSE_GRADIENT) writes the MSE gradient's bits; unweighted it
+    leaves the sum out and returns 0, weighted it runs the block loop."""
+    compile_kernels()
+    rng = _rng("mse-gradient", weighted)
+    n = 70_000
+    x, y = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    w = rng.uniform(0.5, 2.0, n) if weighted else np.empty(0)
+    empty = np.empty(0, np.float32)
+    for parallel in (False, True):
+        mse, only = np.empty(n, np.float32), np.empty(n, np.float32)
+        total = drivers.elementwise(x, y, w, empty, mse, 0.25, drivers.MSE, 0.0, 0.0, True,
+                                    parallel, 0.0)
+        rest = drivers.elementwise(x, y, w, empty, only, 0.25, drivers.MSE_GRADIENT, 0.0, 0.0,
+                                   True, parallel, 0.0)
+        assert only.tobytes() == mse.tobytes()
+        assert rest == (total if weighted else 0.0)
+    np.testing.assert_allclose(mse, 0.25 * (w if weighted else 1.0) * 2.0 * (x - y),
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("log_predictions", [False, True])
 def test_kl_nan_target_propagates_when_allowed(log_predictions):
     """A NaN target must not be mistaken for p = 0 (which contributes exactly 0)."""

@@ -57,6 +57,11 @@ MAE, MSE, HUBER, PSEUDO_HUBER, HINGE, SQUARED_HINGE, BCE, BCE_LOGITS = range(8)
 # MSE's gradient without its sum (RMSE's second pass, which has the sum from its first):
 # unweighted, the driver returns 0 and reads each block once.
 MSE_GRADIENT = 19
+# Huber (and smooth L1 at beta 1) takes the lean element loop from this many elements on:
+# it computes the loss twice, which costs more than it saves while the inputs sit in the
+# cores' caches, and less once they come from memory (here: 5% slower at 1e5 and 2.5e5,
+# 15% faster at 5e5, 9% at 1e6).
+LEAN_HUBER_MIN = 1 << 18
 
 
 @numba.njit(nogil=True)
@@ -163,7 +168,10 @@ def _element_block(blk, op, x, y, w, out, grad, scale, a, b, strict, losses, scr
     if op == MSE_GRADIENT:
         return _element_loop(mse, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True, True,
                              False)
-    if op == HUBER:
+    if op == HUBER:  # lean only where the inputs come from memory (see LEAN_HUBER_MIN)
+        if x.size >= LEAN_HUBER_MIN:
+            return _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict, True,
+                                 grad.size > 0)
         return _element_loop(huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
     if op == PSEUDO_HUBER:
         return _element_loop(pseudo_huber, xb, yb, wb, lb, ob, gb, scale, fa, fb, strict)
