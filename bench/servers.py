@@ -64,7 +64,11 @@ def echo_command(workers: int, io_cpu: bool = False) -> list[str]:
 
 def io_cpu_auto() -> int:
     """The CPU ``lossgrad serve --io-cpu auto`` pins its call threads to."""
-    return max(os.sched_getaffinity(0))
+    from lossgrad.affinity import AUTO, parse_cpu
+
+    cpu = parse_cpu(AUTO)
+    assert cpu is not None
+    return cpu
 
 
 class ServerProcess:
